@@ -1,0 +1,95 @@
+"""The `conveyor` command as a user runs it: config errors, the demo, doctor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def conveyor(
+    *args: str, cwd: Path, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "SANDBOX_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "bot.cli", *args],
+        cwd=cwd,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_a_missing_required_setting_names_the_variable(tmp_path: Path) -> None:
+    result = conveyor("run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "conveyor: configuration error: ORCH_PROJECTS: is required"
+    ]
+
+
+def test_an_invalid_setting_names_the_variable_in_one_line(tmp_path: Path) -> None:
+    result = conveyor(
+        "run", cwd=tmp_path, ORCH_HTTP_PORT="eighty", ORCH_TELEGRAM_TOKEN="123:secret"
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "ORCH_HTTP_PORT" in line and "secret" not in line
+
+
+def test_a_project_without_a_remote_is_refused(tmp_path: Path) -> None:
+    result = conveyor("run", cwd=tmp_path, ORCH_PROJECTS=json.dumps([{"key": "ORCH"}]))
+    assert result.returncode == 2
+    assert "ORCH_PROJECTS[0].remote: is required" in result.stderr
+
+
+def test_settings_are_read_from_a_dotenv_file(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("ORCH_HTTP_PORT=not-a-port\n")
+    result = conveyor("doctor", cwd=tmp_path)
+    assert result.returncode == 2 and "ORCH_HTTP_PORT" in result.stderr
+
+
+async def test_doctor_checks_each_project_remote(tmp_path: Path, remote: Path) -> None:
+    projects = [
+        {"key": "GOOD", "remote": str(remote)},
+        {"key": "BAD", "remote": str(tmp_path / "missing.git")},
+    ]
+    result = conveyor(
+        "doctor",
+        cwd=tmp_path,
+        ORCH_PROJECTS=json.dumps(projects),
+        ORCH_AGENT_COMMAND=f"{sys.executable} -m engine.sandbox.agent",
+    )
+    assert result.returncode == 1
+    assert "ok   project GOOD remote" in result.stdout
+    assert "FAIL project BAD remote" in result.stdout
+
+
+def test_demo_runs_one_task_to_done_with_a_visible_rollback(tmp_path: Path) -> None:
+    result = conveyor("demo", "--locale", "en", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "gate green, advanced" in out and "gate red, rolled back" in out
+    assert "P0:" in out  # the must-fix text, shown at the rollback and in the second prompt
+    assert "The second developer prompt carries" in out
+    for label in (
+        "Analysis",
+        "Architecture",
+        "Development",
+        "Review",
+        "Testing",
+        "Deploy",
+        "Total",
+    ):
+        assert label in out
+    assert "opus-4-7" in out and "$" in out
+    assert out.rstrip().splitlines()[-1].startswith("done (done)")
+
+
+def test_demo_speaks_russian_by_default(tmp_path: Path) -> None:
+    result = conveyor("demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Ревью" in result.stdout and "Разработка" in result.stdout

@@ -1,0 +1,92 @@
+"""The SQLite store: migrations, pragmas and the constraints that carry the invariants."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from engine import jobs
+from engine.store import MIGRATIONS, Store
+
+
+async def test_migrations_are_versioned_and_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with Store(path) as store:
+        assert await store.schema_version() == len(MIGRATIONS)
+    async with Store(path) as store:  # a second start applies nothing twice
+        assert await store.schema_version() == len(MIGRATIONS)
+        rows = await store.fetchall("SELECT version FROM schema_version")
+        assert [row["version"] for row in rows] == list(range(1, len(MIGRATIONS) + 1))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+    assert {
+        "tasks",
+        "jobs",
+        "agent_runs",
+        "events",
+        "webhook_deliveries",
+        "runtime_settings",
+    } <= tables
+
+
+async def _task(conn, tracker: str | None, work_item: str, branch: str) -> int:
+    cursor = await conn.execute(
+        "INSERT INTO tasks (project, tracker_issue_id, work_item, title, description, stage,"
+        " status, branch, created_at, updated_at)"
+        " VALUES ('P', ?, ?, 't', 'd', 'analysis', 'active', ?, 0, 0)",
+        (tracker, work_item, branch),
+    )
+    return cursor.lastrowid
+
+
+async def test_constraints_hold_one_task_per_issue_and_one_active_job(tmp_path: Path) -> None:
+    async with Store(tmp_path / "db.sqlite") as store:
+        async with store.tx() as conn:
+            task_id = await _task(conn, "issue-1", "P-001", "b1")
+            assert await jobs.enqueue(conn, task_id, "analysis") is not None
+            assert await jobs.enqueue(conn, task_id, "analysis") is None
+        for tracker, item, branch in [
+            ("issue-1", "P-002", "b2"),
+            ("x", "P-001", "b3"),
+            ("y", "P-003", "b1"),
+        ]:
+            with pytest.raises(sqlite3.IntegrityError):
+                async with store.tx() as conn:
+                    await _task(conn, tracker, item, branch)
+        async with store.tx() as conn:  # tasks without a tracker issue do not collide
+            await _task(conn, None, "P-004", "b4")
+            await _task(conn, None, "P-005", "b5")
+
+
+async def test_an_expired_lease_is_requeued_and_the_old_owner_cannot_finish(tmp_path: Path) -> None:
+    async with Store(tmp_path / "db.sqlite") as store:
+        async with store.tx() as conn:
+            task_id = await _task(conn, "i", "P-001", "b")
+            await jobs.enqueue(conn, task_id, "analysis")
+        queue = jobs.JobQueue(store, lease_s=0.01)
+        stale = await queue.claim("dead-worker")
+        assert stale is not None and stale.claims == 1
+        import asyncio
+
+        await asyncio.sleep(0.05)
+        assert await queue.recover_expired() == [stale.id]
+        fresh = await jobs.JobQueue(store, lease_s=60).claim("new-worker")
+        assert fresh.id == stale.id and fresh.claims == 2
+        with pytest.raises(jobs.LeaseLost):
+            async with store.tx() as conn:
+                await jobs.finish(conn, stale, "succeeded")
+        async with store.tx() as conn:
+            await jobs.finish(conn, fresh, "succeeded")
+
+
+async def test_delayed_jobs_wait_for_their_time(tmp_path: Path) -> None:
+    async with Store(tmp_path / "db.sqlite") as store:
+        async with store.tx() as conn:
+            task_id = await _task(conn, "i", "P-001", "b")
+            await jobs.enqueue(conn, task_id, "analysis", delay_s=3600)
+        assert await jobs.JobQueue(store, 60).claim("w") is None
