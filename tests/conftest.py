@@ -11,7 +11,8 @@ import pytest
 
 from engine.config import Settings
 from engine.notifier import AlertKind
-from engine.runtime import Engine
+from engine.runtime import SETTLED, Engine
+from engine.stages import Status
 from engine.sandbox.repo import create_sample_remote
 from engine.store import Task
 
@@ -102,7 +103,15 @@ async def engine(
 
 
 async def settle(engine: Engine, task_id: int) -> Task:
-    return await asyncio.wait_for(engine.wait_settled(task_id), HANG_GUARD_S)
+    """Wait until nothing in the engine will move the task any more.
+
+    With an auto-approving notifier a BRD waiting for approval is about to move,
+    so that status does not count as settled.
+    """
+    statuses = SETTLED
+    if getattr(engine.pipeline.notifier, "auto_approve", False):
+        statuses = SETTLED - {Status.AWAITING_APPROVAL}
+    return await asyncio.wait_for(engine.wait_settled(task_id, statuses), HANG_GUARD_S)
 
 
 async def start(engine: Engine, title: str = "Add a greeting", issue: str = "issue-1") -> Task:
