@@ -1,4 +1,4 @@
-"""`conveyor run`: the engine, its worker and the HTTP server in one process.
+"""`conveyor run`: bot, HTTP server, worker and scheduler in one process.
 
 SIGTERM and SIGINT stop everything cleanly: running agents are killed and their
 jobs handed back to the queue for the next start.
@@ -12,29 +12,46 @@ import signal
 
 from aiohttp import web
 
+from bot.telegram import TelegramConsole
 from engine.api import add_routes
 from engine.config import Settings, require
 from engine.runtime import Engine
 
 log = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 1024 * 1024
+
 
 async def run_app(settings: Settings) -> int:
     require(settings, "projects")
+    if settings.telegram_token is not None:
+        require(settings, "telegram_chat_id", "telegram_admin_ids")
+    else:
+        log.warning("ORCH_TELEGRAM_TOKEN is not set: running without the Telegram console")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with Engine(settings) as engine:
-        app = web.Application(client_max_size=1024 * 1024)
+        console = TelegramConsole(settings, engine) if settings.telegram_token else None
+        if console is not None:
+            engine.pipeline.notifier = console.notifier
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         add_routes(app, engine.store, settings)
+        if console is not None:
+            console.mount(app)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.http_host, settings.http_port).start()
         log.warning("conveyor listening on %s:%s", settings.http_host, settings.http_port)
+        if console is not None:
+            await console.start()
         engine.start_worker()
         try:
             await stop.wait()
         finally:
+            log.warning("stopping")
             await runner.cleanup()
+            if console is not None:
+                await console.stop()
     return 0

@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     telegram_webhook_url: str | None = None
     tracker_mode: Literal["edit", "bump"] = "edit"
     locale: Literal["ru", "en"] = "ru"
+    telegram_pace_s: float | None = Field(default=None, ge=0)
+    telegram_debounce_s: float = Field(default=1.0, ge=0)
 
     # process
     db_path: Path = Path("data/conveyor.db")

@@ -663,12 +663,8 @@ class Pipeline:
     # --- links -------------------------------------------------------------------------------
 
     def report_link(self, task: Task, gate: str) -> str:
-        """Where a person or the next agent finds the full report."""
+        """Where the next agent finds the full report: its path in the worktree, at a commit."""
         relpath = report_relpath(task.work_item, gate)
-        project = self.settings.project(task.project)
-        base = (self.settings.gitea_public_url or "").rstrip("/")
-        if base and project is not None and project.repo:
-            return f"{base}/{project.repo}/src/branch/{task.branch}/{relpath}"
         sha = f" at {task.head_sha[:10]}" if task.head_sha else ""
         return f"{relpath} (branch {task.branch}{sha})"
 

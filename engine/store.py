@@ -127,6 +127,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_at REAL NOT NULL
         )""",
     ),
+    (
+        # one live card per task: the row is the task's pointer to its message
+        """CREATE TABLE cards (
+            task_id INTEGER PRIMARY KEY REFERENCES tasks (id),
+            chat_id INTEGER NOT NULL,
+            message_id INTEGER,
+            render_hash TEXT,
+            updated_at REAL NOT NULL
+        )""",
+        # a ForceReply prompt waiting for a person's answer (a reject reason, a description)
+        """CREATE TABLE pending_replies (
+            chat_id INTEGER NOT NULL,
+            prompt_message_id INTEGER NOT NULL,
+            user_id INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            task_id INTEGER REFERENCES tasks (id),
+            payload TEXT,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (chat_id, prompt_message_id)
+        )""",
+    ),
 )
 
 
@@ -292,14 +313,30 @@ class Store:
         """A write transaction: serialised in-process by the lock, across processes by SQLite."""
         assert self._writer is not None, "store is not open"
         async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
             try:
+                await self._writer.execute("BEGIN IMMEDIATE")
                 yield self._writer
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                await asyncio.shield(self._rollback())
                 raise
-            else:
-                await self._writer.execute("COMMIT")
+            try:
+                await asyncio.shield(self._writer.execute("COMMIT"))
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                await asyncio.shield(self._rollback())
+                raise
+
+    async def _rollback(self) -> None:
+        """Roll back whatever transaction is open, even one whose BEGIN was cancelled mid-way.
+
+        aiosqlite runs statements in order on one thread, so a statement queued now runs
+        after a cancelled BEGIN has finished; only then is `in_transaction` reliable.
+        """
+        assert self._writer is not None
+        await self._writer.execute("SELECT 1")
+        if self._writer.in_transaction:
+            await self._writer.execute("ROLLBACK")
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
         assert self._reader is not None, "store is not open"
@@ -343,6 +380,14 @@ class Store:
             )
         return [_build(Task, row) for row in rows]
 
+    async def active_jobs(self) -> list[aiosqlite.Row]:
+        """Queued and running jobs with their task's work item, oldest first."""
+        return await self.fetchall(
+            "SELECT jobs.id, jobs.stage, jobs.state, jobs.available_at, jobs.failures,"
+            " jobs.created_at, tasks.work_item FROM jobs JOIN tasks ON tasks.id = jobs.task_id"
+            " WHERE jobs.state IN ('queued', 'running') ORDER BY jobs.id"
+        )
+
     # --- events ----------------------------------------------------------------------------
 
     @staticmethod
@@ -361,6 +406,13 @@ class Store:
             (task_id, now(), kind, from_state, to_state, detail, actor),
         )
         return int(cursor.lastrowid)
+
+    async def latest_event_id(self, task_id: int) -> int:
+        """The task's version: the id of its newest event (0 before any)."""
+        row = await self.fetchone(
+            "SELECT COALESCE(MAX(id), 0) AS v FROM events WHERE task_id = ?", (task_id,)
+        )
+        return int(row["v"])
 
     async def events(self, task_id: int) -> list[Event]:
         rows = await self.fetchall("SELECT * FROM events WHERE task_id = ? ORDER BY id", (task_id,))

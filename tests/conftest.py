@@ -12,8 +12,8 @@ import pytest
 from engine.config import Settings
 from engine.notifier import AlertKind
 from engine.runtime import SETTLED, Engine
-from engine.stages import Status
 from engine.sandbox.repo import create_sample_remote
+from engine.stages import Status
 from engine.store import Task
 
 SANDBOX_AGENT = f"{sys.executable} -m engine.sandbox.agent"

@@ -86,7 +86,8 @@ def test_demo_runs_one_task_to_done_with_a_visible_rollback(tmp_path: Path) -> N
     ):
         assert label in out
     assert "opus-4-7" in out and "$" in out
-    assert out.rstrip().splitlines()[-1].startswith("done (done)")
+    assert "card in Telegram" in out and "🏁" in out  # the card, as the operator saw it
+    assert out.rstrip().splitlines()[-1].startswith("done ✔")
 
 
 def test_demo_speaks_russian_by_default(tmp_path: Path) -> None:

@@ -90,3 +90,26 @@ async def test_delayed_jobs_wait_for_their_time(tmp_path: Path) -> None:
             task_id = await _task(conn, "i", "P-001", "b")
             await jobs.enqueue(conn, task_id, "analysis", delay_s=3600)
         assert await jobs.JobQueue(store, 60).claim("w") is None
+
+
+async def test_a_cancelled_transaction_leaves_the_store_usable(tmp_path: Path) -> None:
+    import asyncio
+
+    async with Store(tmp_path / "db.sqlite") as store:
+        for attempt in range(30):  # cancel at every point of a transaction's life
+
+            async def write() -> None:
+                async with store.tx() as conn:
+                    await conn.execute("INSERT INTO runtime_settings VALUES ('k', '1', 0)")
+                    await asyncio.sleep(0)
+                    await conn.execute("DELETE FROM runtime_settings WHERE key = 'k'")
+
+            task = asyncio.create_task(write())
+            for _ in range(attempt % 6):
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await store.set_setting("mode", "edit")  # would fail inside a leftover transaction
+        assert await store.get_setting("mode") == "edit"
+        assert await store.fetchall("SELECT * FROM runtime_settings WHERE key = 'k'") == []
