@@ -14,12 +14,11 @@ from aiohttp import web
 
 from bot.telegram import TelegramConsole
 from engine.api import add_routes
-from engine.config import Settings, require
+from engine.config import ConfigError, Settings, require
 from engine.runtime import Engine
+from engine.webhooks import MAX_BODY_BYTES, check_secrets
 
 log = logging.getLogger(__name__)
-
-MAX_BODY_BYTES = 1024 * 1024
 
 
 async def run_app(settings: Settings) -> int:
@@ -28,6 +27,14 @@ async def run_app(settings: Settings) -> int:
         require(settings, "telegram_chat_id", "telegram_admin_ids")
     else:
         log.warning("ORCH_TELEGRAM_TOKEN is not set: running without the Telegram console")
+    unsigned = check_secrets(settings)
+    if unsigned and not settings.allow_unsigned_webhooks:
+        raise ConfigError(
+            "; ".join(f"{name}: is required while that service is configured" for name in unsigned)
+            + " (or set ORCH_ALLOW_UNSIGNED_WEBHOOKS=true)"
+        )
+    if settings.allow_unsigned_webhooks:
+        log.warning("ORCH_ALLOW_UNSIGNED_WEBHOOKS is on: unsigned webhooks are accepted")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -35,9 +42,10 @@ async def run_app(settings: Settings) -> int:
     async with Engine(settings) as engine:
         console = TelegramConsole(settings, engine) if settings.telegram_token else None
         if console is not None:
-            engine.pipeline.notifier = console.notifier
+            engine.use_notifier(console.notifier)
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         add_routes(app, engine.store, settings)
+        engine.intake.mount(app)
         if console is not None:
             console.mount(app)
         runner = web.AppRunner(app, access_log=None)

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from aiogram.types import InlineKeyboardMarkup
 
 from bot.keyboards import card_keyboard
-from bot.links import forge_file_url, tracker_issue_url
 from bot.texts import Texts
 from engine.config import Settings
 from engine.gates import report_relpath
+from engine.links import forge_file_url, tracker_issue_url
 from engine.stages import STAGES, Stage, Status, stage_index
 from engine.store import Event, Store, Task, now
 from engine.summary import StageFigures, task_figures

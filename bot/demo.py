@@ -121,7 +121,7 @@ async def run_demo(locale: str | None = None) -> int:
         async with engine:
             telegram = TelegramConsole(settings, engine)
             console = ConsoleNotifier(engine.store, env)
-            engine.pipeline.notifier = FanoutNotifier([console, telegram.notifier])
+            engine.use_notifier(FanoutNotifier([console, telegram.notifier]))
             await telegram.start()
             engine.start_worker()
             try:

@@ -24,9 +24,9 @@ from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramRet
 from aiogram.types import Message
 
 from bot.cards import CardRenderer, RenderedCard
-from bot.links import forge_file_url, tracker_issue_url
 from bot.texts import Texts
 from engine.gates import report_relpath
+from engine.links import forge_file_url, tracker_issue_url
 from engine.notifier import AlertKind
 from engine.store import Store, now
 

@@ -41,6 +41,8 @@ class ProjectConfig(BaseModel):
     plane_project_id: str | None = None
     repo: str | None = None
     check_command: list[str] | None = None
+    # On the forge, wait for CI statuses on each head; false for a repository without CI.
+    forge_ci: bool = True
 
     @field_validator("check_command", mode="before")
     @classmethod

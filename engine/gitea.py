@@ -16,10 +16,12 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import quote
 
 import httpx
+
+from engine.outcome import Result
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +49,6 @@ UNKNOWN_STATE = "failure"
 STATE_RANK = ("error", "failure", "warning", "pending", "success", "skipped")
 EVENT_HEADERS = ("x-gitea-event-type", "x-gitea-event", "x-github-event")
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
-
-
-@dataclass(frozen=True)
-class Result(Generic[T]):
-    ok: bool
-    value: T | None = None
-    error: str = ""
-    status: int | None = None  # the HTTP status, when there was an answer
-
-    @classmethod
-    def success(cls, value: T, status: int | None = None) -> Result[T]:
-        return cls(True, value, "", status)
-
-    @classmethod
-    def failure(cls, error: str, status: int | None = None) -> Result[T]:
-        return cls(False, None, error, status)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import jinja2
 from engine import jobs
 from engine.agents import AgentInvocation, AgentOutcome, run_agent
 from engine.config import ProjectConfig, Settings
+from engine.forge import Forge
 from engine.gates import (
     REPORT_FILES,
     GateResult,
@@ -30,7 +31,7 @@ from engine.gates import (
     evaluate_file_gate,
     report_relpath,
 )
-from engine.git import GitError, GitWorkspace, branch_name
+from engine.git import GitError, GitWorkspace, MergeResult, branch_name
 from engine.notifier import AlertKind, Notifier
 from engine.prompts import Feedback, render_prompt
 from engine.stages import (
@@ -103,7 +104,11 @@ class Pipeline:
         self.git = git
         self.notifier = notifier
         self.prompts = prompts
+        self.forge: Forge | None = None
         self.wake_worker = lambda: None
+
+    def on_forge(self, project: ProjectConfig) -> bool:
+        return self.forge is not None and self.forge.covers(project)
 
     # --- starting ----------------------------------------------------------------------------
 
@@ -349,6 +354,10 @@ class Pipeline:
         """Read the stage's exit gate without changing anything."""
         gate = GATES[Stage(task.stage)]
         if gate == "ci_green":
+            if self.on_forge(project):
+                forge_result = await self.forge.ci_gate(project, task.head_sha)
+                if forge_result is not None:
+                    return forge_result
             return await ci_green_local(worktree, project.check_command)
         if gate == "staging_ready":
             return GateResult(GateVerdict.PASS, "no staging hook configured")
@@ -356,7 +365,7 @@ class Pipeline:
 
     async def _apply_gate(
         self,
-        job: Job,
+        job: Job | None,
         task: Task,
         project: ProjectConfig,
         worktree: Path,
@@ -405,15 +414,24 @@ class Pipeline:
             job, task, Change("advanced", target, Status.ACTIVE, detail, enqueue=True)
         )
 
-    async def _finish(self, job: Job, task: Task, worktree: Path, result: GateResult) -> None:
-        project = self.settings.project(task.project)
-        assert project is not None
-        merge = await self.git.merge_to_main(
+    async def _merge(self, project: ProjectConfig, task: Task, worktree: Path) -> MergeResult:
+        """Merge the tested head into main: through the forge's PR, or locally."""
+        if self.on_forge(project):
+            merged = await self.forge.merge(project, task)
+            return MergeResult(merged.ok, merged.sha, (), merged.error)
+        return await self.git.merge_to_main(
             worktree,
             task.branch,
             project.main_branch,
             f"Merge {task.branch}: {task.work_item} {task.title}",
         )
+
+    async def _finish(
+        self, job: Job | None, task: Task, worktree: Path, result: GateResult
+    ) -> None:
+        project = self.settings.project(task.project)
+        assert project is not None
+        merge = await self._merge(project, task, worktree)
         if not merge.ok:
             files = "\n".join(merge.conflict_files)
             must_fix = f"Merging into {project.main_branch} failed: {merge.error or 'conflict'}" + (
@@ -474,6 +492,53 @@ class Pipeline:
                 enqueue=True,
             )
         return await self._transition(job, task, change, alert=alert)
+
+    async def recheck(self, task_id: int) -> bool:
+        """Evaluate an idle task's exit gate now; advance exactly as the stage's run would on green.
+
+        Red changes nothing at all. Webhooks (a CI status) and the reconciler call this.
+        """
+        task = await self.store.get_task(task_id)
+        if task is None or task.status != Status.ACTIVE or await self.store.has_active_job(task_id):
+            return False
+        project = self.settings.project(task.project)
+        if project is None:
+            return False
+        try:
+            worktree = await self.git.ensure_worktree(
+                project.key, project.remote, project.main_branch, task.branch, task.work_item
+            )
+        except GitError as error:
+            log.warning("recheck of %s skipped: %s", task.work_item, error)
+            return False
+        result = await self.evaluate_gate(task, project, worktree)
+        if not result.passed:
+            return False
+        before = await self.store.latest_event_id(task_id)
+        await self._apply_gate(None, task, project, worktree, result)
+        return await self.store.latest_event_id(task_id) != before
+
+    async def merged_in_forge(self, task_id: int, merge_sha: str | None, actor: str) -> bool:
+        """The task's PR was merged in the forge. At the deploy stage the deployer's verdict
+        decides instead; anywhere else the task is done."""
+        task = await self.store.get_task(task_id)
+        if task is None or task.stage in (Stage.DEPLOY, Stage.DONE):
+            return False
+        if task.status in (Status.DONE, Status.CANCELLED):
+            return False
+        return await self._transition(
+            None,
+            task,
+            Change(
+                "done",
+                Stage.DONE,
+                Status.DONE,
+                f"merged in the forge as {merge_sha or '?'}",
+                actor=actor,
+                finished=True,
+                merge_sha=merge_sha,
+            ),
+        )
 
     # --- failures ----------------------------------------------------------------------------
 

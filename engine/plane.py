@@ -17,14 +17,16 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from html.parser import HTMLParser
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+
+from engine.outcome import Result
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +44,12 @@ BLOCK_TAG = re.compile(
 SKIPPED_TAGS = frozenset({"script", "style", "template"})
 
 
-@dataclass(frozen=True)
-class Result(Generic[T]):
-    ok: bool
-    value: T | None = None
-    error: str | None = None
-    status: int | None = None  # the HTTP status, when Plane answered
-
-
 def _ok(value: T) -> Result[T]:
-    return Result(ok=True, value=value)
+    return Result.success(value)
 
 
 def _failed(error: str, status: int | None = None) -> Result[Any]:
-    return Result(ok=False, error=error, status=status)
+    return Result.failure(error, status)
 
 
 @dataclass(frozen=True)
@@ -218,6 +212,7 @@ class PlaneClient:
         A 429 is waited out once (Retry-After, at most `max_retry_wait_s`) and retried.
         """
         root = api_url.rstrip("/").removesuffix(API_PREFIX)
+        self._me_url = f"{root}{API_PREFIX}/users/me/"
         self._timeout_s = timeout_s
         self._state_cache_s = state_cache_s
         self._max_retry_wait_s = max_retry_wait_s
@@ -349,12 +344,24 @@ class PlaneClient:
             return self._fail(f"POST {path}: unexpected comment payload")
         return _ok(posted.value)
 
-    async def latest_comment_text(self, project_id: str, issue_id: str) -> Result[str | None]:
-        """The newest comment as plain text; None when the issue has no comments."""
+    async def user_id(self, *, token: str | None = None) -> Result[str]:
+        """The id of the account a token (default: the main one) belongs to."""
+        me = await self._call("GET", self._me_url, token=token)
+        if not me.ok:
+            return me
+        if not isinstance(me.value, dict) or not me.value.get("id"):
+            return self._fail("users/me: unexpected answer")
+        return _ok(str(me.value["id"]))
+
+    async def latest_comment_text(
+        self, project_id: str, issue_id: str, *, exclude_actors: Collection[str] = ()
+    ) -> Result[str | None]:
+        """The newest comment as plain text, skipping the given authors (our own accounts);
+        None when there is no such comment."""
         listed = await self._collect(self._issue_path(project_id, issue_id) + "comments/")
         if not listed.ok:
             return listed
-        comments = listed.value or []
+        comments = [c for c in listed.value or [] if str(c.get("actor")) not in exclude_actors]
         if not comments:
             return _ok(None)
         newest = max(comments, key=_created)

@@ -148,6 +148,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (chat_id, prompt_message_id)
         )""",
     ),
+    (
+        "ALTER TABLE tasks ADD COLUMN pr_number INTEGER",
+        "ALTER TABLE tasks ADD COLUMN pr_url TEXT",
+        "ALTER TABLE webhook_deliveries ADD COLUMN outcome TEXT",
+        "CREATE INDEX tasks_head ON tasks (project, head_sha)",
+        "CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (processed_at)",
+        # how far the tracker and forge have been told about each task (outbound sync)
+        """CREATE TABLE tracker_sync (
+            task_id INTEGER PRIMARY KEY REFERENCES tasks (id),
+            event_id INTEGER NOT NULL DEFAULT 0,
+            run_id INTEGER NOT NULL DEFAULT 0,
+            summary_posted INTEGER NOT NULL DEFAULT 0,
+            failures INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL DEFAULT 0,
+            last_error TEXT,
+            updated_at REAL NOT NULL
+        )""",
+    ),
 )
 
 
@@ -179,6 +197,8 @@ class Task:
     created_at: float
     updated_at: float
     finished_at: float | None
+    pr_number: int | None
+    pr_url: str | None
 
     @property
     def state(self) -> str:
@@ -379,6 +399,12 @@ class Store:
                 f"SELECT * FROM tasks WHERE status IN ({marks}) ORDER BY id", wanted
             )
         return [_build(Task, row) for row in rows]
+
+    async def has_active_job(self, task_id: int) -> bool:
+        row = await self.fetchone(
+            "SELECT 1 FROM jobs WHERE task_id = ? AND state IN ('queued', 'running')", (task_id,)
+        )
+        return row is not None
 
     async def active_jobs(self) -> list[aiosqlite.Row]:
         """Queued and running jobs with their task's work item, oldest first."""

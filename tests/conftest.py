@@ -109,7 +109,8 @@ async def settle(engine: Engine, task_id: int) -> Task:
     so that status does not count as settled.
     """
     statuses = SETTLED
-    if getattr(engine.pipeline.notifier, "auto_approve", False):
+    notifiers = getattr(engine.pipeline.notifier, "notifiers", [engine.pipeline.notifier])
+    if any(getattr(notifier, "auto_approve", False) for notifier in notifiers):
         statuses = SETTLED - {Status.AWAITING_APPROVAL}
     return await asyncio.wait_for(engine.wait_settled(task_id, statuses), HANG_GUARD_S)
 

@@ -102,7 +102,7 @@ async def ops(make_settings, sandbox: TelegramSandbox, agent_env) -> AsyncIterat
     settings = console_settings(make_settings, sandbox)
     engine = Engine(settings)
     console = TelegramConsole(settings, engine)
-    engine.pipeline.notifier = console.notifier
+    engine.use_notifier(console.notifier)
     async with engine:
         await console.start()
         engine.start_worker()
@@ -368,7 +368,7 @@ async def test_a_burst_of_fifty_tasks_ends_with_every_card_final(make_settings, 
         settings = console_settings(make_settings, sandbox, telegram_pace_s=0.08)
         engine = Engine(settings)
         console = TelegramConsole(settings, engine)
-        engine.pipeline.notifier = console.notifier
+        engine.use_notifier(console.notifier)
         async with engine:
             await console.start()
             try:
@@ -418,7 +418,7 @@ async def test_rate_limited_cards_wait_and_still_reach_their_final_state(
         )
         engine = Engine(settings)
         console = TelegramConsole(settings, engine)
-        engine.pipeline.notifier = console.notifier
+        engine.use_notifier(console.notifier)
         async with engine:
             await console.start()
             try:

@@ -592,8 +592,14 @@ class GiteaSandbox:
         poll_interval_s: float = 0.2,
         deliver_timeout_s: float = 5.0,
         empty_status_event: bool = False,
+        ci_state: str | None = None,
+        ci_delay_s: float = 0.1,
     ) -> None:
         self.root = Path(root)
+        # A stand-in CI (like Gitea Actions): reports `ci_state` on each new branch head.
+        self.ci_state = ci_state
+        self.ci_delay_s = ci_delay_s
+        self._ci_runs: set[asyncio.Task[None]] = set()
         self.token = token
         self.user = user
         self.watch = watch
@@ -798,10 +804,18 @@ class GiteaSandbox:
             self._emit_delete(repo, branch)
             return
         await self._emit_push(repo, branch, before, after)
+        if self.ci_state and branch != repo.default_branch:
+            run = asyncio.get_running_loop().create_task(self._run_ci(repo, after))
+            self._ci_runs.add(run)
+            run.add_done_callback(self._ci_runs.discard)
         for pr in repo.pulls.values():
             if pr.state == "open" and pr.head == branch:
                 pr.head_sha, pr.updated_at = after, now()
                 await self._emit_pull(repo, pr, "synchronized")
+
+    async def _run_ci(self, repo: Repo, sha: str) -> None:
+        await asyncio.sleep(self.ci_delay_s)
+        await self.set_status(repo.owner, repo.name, sha, self.ci_state, context="ci/sandbox")
 
     # webhook payloads
 

@@ -1045,6 +1045,10 @@ class PlaneSandbox:
         self._log_call(request, response.status, user_id)
         return response
 
+    async def _h_me(self, request: web.Request) -> web.Response:
+        """The user the API key belongs to (Plane's `users/me/`)."""
+        return web.json_response(self._caller(request))
+
     def _log_call(self, request: web.Request, status: int, user_id: str | None) -> None:
         call = ApiCall(request.method, request.path, request.query_string, status, user_id)
         self.api_log.append(call)
@@ -1332,6 +1336,7 @@ class PlaneSandbox:
 API = "/api/v1/workspaces/{slug}/projects/{project_id}"
 ITEMS = API + "/{kind:work-items|issues}"
 API_ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("GET", "/api/v1/users/me/", "_h_me"),
     ("GET", f"{API}/states/", "_h_list_states"),
     ("GET", f"{ITEMS}/", "_h_list_issues"),
     ("POST", f"{ITEMS}/", "_h_create_issue"),

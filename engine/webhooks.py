@@ -1,0 +1,428 @@
+"""Webhooks in: Plane and Gitea, verified, recorded durably, answered, then processed.
+
+A delivery is answered 200 only after its row is committed, and processed after
+the answer; rows left unprocessed by a crash are processed at the next start.
+Deduplication is by delivery id and by content key: Plane sends a new delivery
+id on every retry and one delivery per changed field, Gitea's manual replay
+sends a new id, so the same state change or the same status is recognised by
+what it says. Processing translates what the tracker or the forge says into the
+same engine calls the buttons and the reconciler make; comments never drive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from aiohttp import web
+
+from engine import gitea, plane
+from engine.config import ProjectConfig, Settings
+from engine.pipeline import Pipeline
+from engine.plane import PlaneClient, strip_html
+from engine.stages import ROLES, Stage, Status
+from engine.store import Store, Task, now
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+REJECTED_WITHOUT_COMMENT = "The BRD was rejected in the tracker without a comment."
+NOT_STARTED_COMMENT = "tracker/not_started.html.j2"
+
+
+class BadPayload(ValueError):
+    """The body is JSON but lacks what its event needs."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    event: str
+    content_key: str
+
+
+def _get(payload: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(payload, dict) or key not in payload:
+            raise BadPayload(f"missing {'.'.join(path)}")
+        payload = payload[key]
+    return payload
+
+
+# --- reading deliveries --------------------------------------------------------------------
+
+
+def plane_envelope(headers: Mapping[str, str], payload: Any) -> Envelope:
+    event = headers.get("X-Plane-Event") or _get(payload, "event")
+    action = _get(payload, "action")
+    data = _get(payload, "data")
+    issue_id = _get(data, "id")
+    field = (payload.get("activity") or {}).get("field") if isinstance(payload, dict) else None
+    if event == "issue" and field in ("state", "state_id"):
+        new_state = _get(payload, "activity", "new_value")
+        _get(data, "project")
+        key = f"issue:{issue_id}:state:{new_state}:{data.get('updated_at')}"
+        return Envelope("issue.state", key)
+    return Envelope(
+        f"{event}.{action}", f"{event}:{action}:{issue_id}:{field}:{data.get('updated_at')}"
+    )
+
+
+def gitea_envelope(headers: Mapping[str, str], payload: Any) -> Envelope:
+    kind = gitea.event_type(headers)
+    repo = _get(payload, "repository", "full_name")
+    if kind == "status":
+        sha, context, state = (_get(payload, key) for key in ("sha", "context", "state"))
+        return Envelope("status", f"status:{repo}:{sha}:{context}:{state}")
+    if kind in ("pull_request", "pull_request_sync"):
+        number = _get(payload, "number")
+        action = _get(payload, "action")
+        merged = bool(_get(payload, "pull_request").get("merged"))
+        head = _get(payload, "pull_request", "head", "sha")
+        return Envelope("pull_request", f"pr:{repo}:{number}:{action}:{merged}:{head}")
+    if kind == "push":
+        ref, after = _get(payload, "ref"), _get(payload, "after")
+        return Envelope("push", f"push:{repo}:{ref}:{after}")
+    return Envelope(kind or "unknown", "")
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    signature_header: str
+    delivery_header: str
+    verify: Callable[[str, bytes, str | None], bool]
+    envelope: Callable[[Mapping[str, str], Any], Envelope]
+
+
+SOURCES = {
+    "plane": Source(
+        "plane", "X-Plane-Signature", "X-Plane-Delivery", plane.verify_signature, plane_envelope
+    ),
+    "gitea": Source(
+        "gitea", "X-Gitea-Signature", "X-Gitea-Delivery", gitea.verify_signature, gitea_envelope
+    ),
+}
+
+
+class WebhookIntake:
+    """The two endpoints and the processing of what they recorded."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        pipeline: Pipeline,
+        plane_client: PlaneClient | None,
+        env: jinja2.Environment,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.pipeline = pipeline
+        self.plane = plane_client
+        self.env = env
+        self._own_actors: set[str] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.handlers: dict[str, Callable[[dict], Awaitable[str]]] = {
+            "issue.state": self._plane_state,
+            "status": self._gitea_status,
+            "pull_request": self._gitea_pull_request,
+            "push": self._gitea_push,
+        }
+
+    def secret(self, source: str) -> str | None:
+        value = getattr(self.settings, f"{source}_webhook_secret")
+        return value.get_secret_value() if value else None
+
+    def mount(self, app: web.Application) -> None:
+        app.router.add_post("/webhooks/plane", self.receive_plane)
+        app.router.add_post("/webhooks/gitea", self.receive_gitea)
+
+    async def receive_plane(self, request: web.Request) -> web.Response:
+        return await self.receive(request, SOURCES["plane"])
+
+    async def receive_gitea(self, request: web.Request) -> web.Response:
+        return await self.receive(request, SOURCES["gitea"])
+
+    async def receive(self, request: web.Request, source: Source) -> web.Response:
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, request.content_length)
+        body = await request.read()
+        secret = self.secret(source.name)
+        if secret is not None or not self.settings.allow_unsigned_webhooks:
+            signature = request.headers.get(source.signature_header)
+            if secret is None or not source.verify(secret, body, signature):
+                return web.json_response({"error": "bad or missing signature"}, status=401)
+        try:
+            payload = json.loads(body)
+            envelope = source.envelope(request.headers, payload)
+        except (ValueError, TypeError) as error:
+            return web.json_response({"error": f"bad payload: {error}"}, status=400)
+        delivery_id = request.headers.get(source.delivery_header) or None
+        row_id = await self.record(source.name, delivery_id, envelope, body)
+        if row_id is not None:
+            self._spawn(row_id)
+        return web.json_response({"ok": True, "duplicate": row_id is None})
+
+    async def record(
+        self, source: str, delivery_id: str | None, envelope: Envelope, body: bytes
+    ) -> int | None:
+        """Commit the delivery; None when its id or its content was seen before."""
+        async with self.store.tx() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO webhook_deliveries (source, delivery_id, content_key, event,"
+                " received_at, payload) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING RETURNING id",
+                (source, delivery_id, envelope.content_key or None, envelope.event, now(), body),
+            )
+            row = await cursor.fetchone()
+        return None if row is None else int(row[0])
+
+    def _spawn(self, row_id: int) -> None:
+        task = asyncio.create_task(self.process(row_id), name=f"delivery-{row_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def idle(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def process_pending(self) -> int:
+        """Process deliveries recorded but not processed (the process stopped in between)."""
+        rows = await self.store.fetchall(
+            "SELECT id FROM webhook_deliveries WHERE processed_at IS NULL ORDER BY id"
+        )
+        for row in rows:
+            await self.process(row["id"])
+        return len(rows)
+
+    async def process(self, row_id: int) -> None:
+        row = await self.store.fetchone(
+            "SELECT event, payload FROM webhook_deliveries WHERE id = ?", (row_id,)
+        )
+        handler = self.handlers.get(row["event"])
+        try:
+            outcome = await handler(json.loads(row["payload"])) if handler else "ignored"
+        except Exception:
+            log.exception("processing delivery %s failed", row_id)
+            outcome = "error"
+        async with self.store.tx() as conn:
+            await conn.execute(
+                "UPDATE webhook_deliveries SET processed_at = ?, outcome = ? WHERE id = ?",
+                (now(), outcome, row_id),
+            )
+
+    # --- Plane ---------------------------------------------------------------------------
+
+    def _plane_project(self, plane_project_id: str) -> ProjectConfig | None:
+        return next(
+            (p for p in self.settings.projects if p.plane_project_id == plane_project_id), None
+        )
+
+    def logical_state(self, state: dict) -> str | None:
+        """The logical state a board state means: by its configured name, else by its group."""
+        names = {name.casefold(): key for key, name in self.settings.plane_state_names.items()}
+        key = names.get(str(state.get("name", "")).casefold())
+        if key is not None:
+            return key
+        return {"started": "in_progress", "completed": "done"}.get(state.get("group"))
+
+    async def _plane_state(self, payload: dict) -> str:
+        data = payload["data"]
+        project = self._plane_project(str(data.get("project")))
+        if project is None:
+            log.info("Plane webhook for unknown project %s ignored", data.get("project"))
+            return "unknown project"
+        state = data.get("state")
+        if not isinstance(state, dict):
+            state = await self._fetch_state(project, data["id"])
+            if state is None:
+                return "state unknown"
+        logical = self.logical_state(state)
+        actor = self._actor(payload)
+        verdicts = {
+            "in_progress": self._in_progress,
+            "approved": self._approved,
+            "rejected": self._rejected,
+        }
+        act = verdicts.get(logical or "")
+        if act is None:
+            return f"no effect ({logical})"
+        return await act(project, data, actor)
+
+    async def _fetch_state(self, project: ProjectConfig, issue_id: str) -> dict | None:
+        if self.plane is None:
+            return None
+        issue = await self.plane.get_issue(project.plane_project_id, issue_id)
+        if not issue.ok or issue.value.state_name is None:
+            return None
+        return {"name": issue.value.state_name, "group": issue.value.state_group}
+
+    @staticmethod
+    def _actor(payload: dict) -> str:
+        actor = (payload.get("activity") or {}).get("actor") or {}
+        return f"plane:{actor.get('display_name') or actor.get('id') or '?'}"
+
+    async def _in_progress(self, project: ProjectConfig, data: dict, actor: str) -> str:
+        existing = await self.store.task_by_tracker_issue(project.key, data["id"])
+        if existing is not None:
+            return await self._resume(existing, project, actor)
+        name, description = data.get("name"), self._description(data)
+        if name is None or description is None:
+            if self.plane is None:
+                return "issue unreadable"
+            fetched = await self.plane.get_issue(project.plane_project_id, data["id"])
+            if not fetched.ok:
+                return "issue unreadable"
+            name, description = fetched.value.name, fetched.value.description_text
+            data = {**data, "sequence_id": fetched.value.sequence_id}
+        outcome = await self.pipeline.start_task(
+            project.key,
+            name or "",
+            description or "",
+            tracker_issue_id=data["id"],
+            sequence_id=data.get("sequence_id"),
+            actor=actor,
+        )
+        if outcome.created:
+            return "started"
+        if outcome.task is None and self.plane is not None:
+            why = self.env.get_template(NOT_STARTED_COMMENT).render(reason=outcome.reason)
+            await self.plane.add_comment(project.plane_project_id, data["id"], why)
+        return f"not started: {outcome.reason}"
+
+    async def _resume(self, task: Task, project: ProjectConfig, actor: str) -> str:
+        """In Progress again: a task waiting for answers relaunches its analyst with them."""
+        if task.status != Status.NEEDS_INPUT or await self.store.has_active_job(task.id):
+            return "task exists"
+        answers = await self._latest_comment(project, task) or ""
+        outcome = await self.pipeline.answer(task.id, answers, actor)
+        return "answers given" if outcome.changed else "task exists"
+
+    @staticmethod
+    def _description(data: dict) -> str | None:
+        if "description_html" in data:
+            return strip_html(data.get("description_html"))
+        if "description_stripped" in data:
+            return data.get("description_stripped") or ""
+        return None
+
+    async def _approved(self, project: ProjectConfig, data: dict, actor: str) -> str:
+        task = await self.store.task_by_tracker_issue(project.key, data["id"])
+        if task is None:
+            return "no task"
+        outcome = await self.pipeline.approve(task.id, actor)
+        return "approved" if outcome.changed else f"no change: {outcome.reason}"
+
+    async def _rejected(self, project: ProjectConfig, data: dict, actor: str) -> str:
+        task = await self.store.task_by_tracker_issue(project.key, data["id"])
+        if task is None:
+            return "no task"
+        if task.status != Status.AWAITING_APPROVAL:
+            return f"no change: the task is {task.status}"
+        reason = await self._latest_comment(project, task) or REJECTED_WITHOUT_COMMENT
+        outcome = await self.pipeline.reject(task.id, reason, actor)
+        return "rejected" if outcome.changed else f"no change: {outcome.reason}"
+
+    async def _latest_comment(self, project: ProjectConfig, task: Task) -> str | None:
+        """The newest comment a person wrote (Conveyor's and its agents' own are skipped)."""
+        if self.plane is None:
+            return None
+        text = await self.plane.latest_comment_text(
+            project.plane_project_id, task.tracker_issue_id, exclude_actors=await self.own_actors()
+        )
+        return text.value if text.ok else None
+
+    async def own_actors(self) -> set[str]:
+        """The Plane accounts Conveyor posts as: the main token's and each agent's."""
+        if self._own_actors is not None:
+            return self._own_actors
+        assert self.plane is not None
+        bots = [getattr(self.settings, f"plane_bot_{role}") for role in ROLES]
+        tokens = [None, *(bot.get_secret_value() for bot in bots if bot)]
+        found = [await self.plane.user_id(token=token) for token in tokens]
+        actors = {result.value for result in found if result.ok}
+        if all(result.ok for result in found):
+            self._own_actors = actors
+        return actors
+
+    # --- Gitea ---------------------------------------------------------------------------
+
+    def _gitea_project(self, repo: str) -> ProjectConfig | None:
+        return next((p for p in self.settings.projects if p.repo == repo), None)
+
+    async def _task_for_sha(self, project: ProjectConfig, sha: str) -> Task | None:
+        """The task whose recorded head is `sha`, else the only development task of the repo."""
+        row = await self.store.fetchone(
+            "SELECT id FROM tasks WHERE project = ? AND head_sha = ?", (project.key, sha)
+        )
+        if row is not None:
+            return await self.store.get_task(row["id"])
+        rows = await self.store.fetchall(
+            "SELECT id FROM tasks WHERE project = ? AND stage = ? AND status = ?",
+            (project.key, Stage.DEVELOPMENT, Status.ACTIVE),
+        )
+        if len(rows) == 1:
+            return await self.store.get_task(rows[0]["id"])
+        if rows:
+            log.info("status for %s matches %d development tasks: not resolved", sha, len(rows))
+        return None
+
+    async def _gitea_status(self, payload: dict) -> str:
+        project = self._gitea_project(payload["repository"]["full_name"])
+        if project is None:
+            return "unknown project"
+        task = await self._task_for_sha(project, payload["sha"])
+        if task is None:
+            return "no task"
+        return "advanced" if await self.pipeline.recheck(task.id) else "no change"
+
+    async def _task_for_branch(self, project: ProjectConfig, branch: str) -> Task | None:
+        row = await self.store.fetchone(
+            "SELECT id FROM tasks WHERE project = ? AND branch = ?", (project.key, branch)
+        )
+        return None if row is None else await self.store.get_task(row["id"])
+
+    async def _gitea_pull_request(self, payload: dict) -> str:
+        pull = payload["pull_request"]
+        if payload.get("action") != "closed" or not pull.get("merged"):
+            return "ignored"
+        project = self._gitea_project(payload["repository"]["full_name"])
+        if project is None:
+            return "unknown project"
+        task = await self._task_for_branch(project, pull["head"].get("ref", ""))
+        if task is None:
+            return "no task"
+        sender = (payload.get("sender") or {}).get("login", "?")
+        done = await self.pipeline.merged_in_forge(
+            task.id, pull.get("merge_commit_sha"), actor=f"gitea:{sender}"
+        )
+        return "done" if done else "no change"
+
+    async def _gitea_push(self, payload: dict) -> str:
+        project = self._gitea_project(payload["repository"]["full_name"])
+        ref = str(payload.get("ref", ""))
+        if project is None or not ref.startswith("refs/heads/"):
+            return "ignored"
+        task = await self._task_for_branch(project, ref.removeprefix("refs/heads/"))
+        if task is None:
+            return "no task"
+        async with self.store.tx() as conn:
+            await conn.execute(
+                "UPDATE tasks SET head_sha = ? WHERE id = ?", (payload["after"], task.id)
+            )
+        return "head recorded"
+
+
+def check_secrets(settings: Settings) -> list[str]:
+    """Webhook sources that are enabled with no secret (start-up refuses them)."""
+    enabled = {"plane": settings.plane_api_url, "gitea": settings.gitea_url}
+    return [
+        f"ORCH_{source.upper()}_WEBHOOK_SECRET"
+        for source, configured in enabled.items()
+        if configured and getattr(settings, f"{source}_webhook_secret") is None
+    ]
