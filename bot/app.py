@@ -44,7 +44,7 @@ async def run_app(settings: Settings) -> int:
         if console is not None:
             engine.use_notifier(console.notifier)
         app = web.Application(client_max_size=MAX_BODY_BYTES)
-        add_routes(app, engine.store, settings)
+        add_routes(app, engine)
         engine.intake.mount(app)
         if console is not None:
             console.mount(app)

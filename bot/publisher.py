@@ -27,6 +27,7 @@ from bot.cards import CardRenderer, RenderedCard
 from bot.texts import Texts
 from engine.gates import report_relpath
 from engine.links import forge_file_url, tracker_issue_url
+from engine.metrics import COUNTERS
 from engine.notifier import AlertKind
 from engine.store import Store, now
 
@@ -60,6 +61,10 @@ def classify_edit_error(error: TelegramAPIError) -> EditOutcome:
         if any(marker in message for marker in GONE_MARKERS):
             return EditOutcome.GONE
     return EditOutcome.FAILED
+
+
+def count_call(method: str, outcome: str) -> None:
+    COUNTERS.inc("conveyor_telegram_calls_total", method=method, outcome=outcome)
 
 
 def default_pace(chat_id: int) -> float:
@@ -199,15 +204,23 @@ class CardPublisher:
         await asyncio.sleep(error.retry_after)
         self._last_call = time.monotonic()
 
-    async def _paced(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _paced(self, method: str, call: Callable[[], Awaitable[T]]) -> T:
         """Make one message-producing API call no sooner than the chat's pace allows."""
         wait = self._last_call + self.pace_s - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
         try:
-            return await call()
+            result = await call()
+        except TelegramRetryAfter:
+            count_call(method, "retry_after")
+            raise
+        except TelegramAPIError as error:
+            count_call(method, classify_edit_error(error).value)
+            raise
         finally:
             self._last_call = time.monotonic()
+        count_call(method, "ok")
+        return result
 
     # --- one card ------------------------------------------------------------------------
 
@@ -239,24 +252,26 @@ class CardPublisher:
 
     async def _send_card(self, task_id: int, rendered: RenderedCard) -> None:
         message: Message = await self._paced(
+            "sendMessage",
             lambda: self.bot.send_message(
                 self.chat_id,
                 rendered.text,
                 reply_markup=rendered.markup,
                 disable_notification=True,
-            )
+            ),
         )
         await self._save_card(task_id, message.message_id, rendered.digest)
 
     async def _edit_card(self, message_id: int, rendered: RenderedCard) -> EditOutcome:
         try:
             await self._paced(
+                "editMessageText",
                 lambda: self.bot.edit_message_text(
                     text=rendered.text,
                     chat_id=self.chat_id,
                     message_id=message_id,
                     reply_markup=rendered.markup,
-                )
+                ),
             )
         except TelegramRetryAfter:
             raise
@@ -271,7 +286,10 @@ class CardPublisher:
         try:
             await self.bot.delete_message(self.chat_id, message_id)
         except TelegramAPIError as error:
+            count_call("deleteMessage", "failed")
             log.info("old card %s not deleted: %s", message_id, error.message)
+        else:
+            count_call("deleteMessage", "ok")
 
     async def _save_card(self, task_id: int, message_id: int, digest: str) -> None:
         async with self.store.tx() as conn:
@@ -285,14 +303,15 @@ class CardPublisher:
 
     async def send(self, text: str, **kwargs) -> Message:
         """A reply to a person in the chat, paced like the cards; waits out a 429 and retries."""
+        def call() -> Awaitable[Message]:
+            return self.bot.send_message(self.chat_id, text, **kwargs)
+
         for _ in range(MAX_ALERT_TRIES):
             try:
-                return await self._paced(
-                    lambda: self.bot.send_message(self.chat_id, text, **kwargs)
-                )
+                return await self._paced("sendMessage", call)
             except TelegramRetryAfter as error:
                 await self._back_off(error)
-        return await self._paced(lambda: self.bot.send_message(self.chat_id, text, **kwargs))
+        return await self._paced("sendMessage", call)
 
     # --- alerts --------------------------------------------------------------------------
 
@@ -309,4 +328,4 @@ class CardPublisher:
             brd_url=forge_file_url(settings, task, report_relpath(task.work_item, "brd_ready")),
             issue_url=tracker_issue_url(settings, task),
         )
-        await self._paced(lambda: self.bot.send_message(self.chat_id, text))
+        await self._paced("sendMessage", lambda: self.bot.send_message(self.chat_id, text))

@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 from bot.cards import CARD_TEXT_BUDGET, TELEGRAM_TEXT_LIMIT, CardRenderer, clock
 from bot.texts import Texts
+from engine.api import RECONCILER_TICK_SETTING
 from engine.stages import FINISHED, STAGES
 from engine.store import Store, Task, now
 
-RECONCILER_TICK_SETTING = "reconciler_last_tick"
 TASK_EVENTS_SHOWN = 30
 
 

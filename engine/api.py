@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from engine.config import Settings
+from engine.metrics import COUNTERS, format_labels
 from engine.store import Store, Task, now
 from engine.summary import task_figures
 
-STORE_KEY = web.AppKey("store", Store)
-SETTINGS_KEY = web.AppKey("settings", Settings)
+if TYPE_CHECKING:
+    from engine.runtime import Engine
+
+ENGINE_KEY = web.AppKey("engine", object)
+RECONCILER_TICK_SETTING = "reconciler_last_tick"
 
 
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -37,6 +39,7 @@ async def task_json(store: Store, task: Task) -> dict[str, Any]:
         "branch": task.branch,
         "head_sha": task.head_sha,
         "merge_sha": task.merge_sha,
+        "pr_url": task.pr_url,
         "tracker_issue_id": task.tracker_issue_id,
         "created_at": iso(task.created_at),
         "updated_at": iso(task.updated_at),
@@ -47,8 +50,12 @@ async def task_json(store: Store, task: Task) -> dict[str, Any]:
     }
 
 
+def _engine(request: web.Request) -> Engine:
+    return request.app[ENGINE_KEY]  # type: ignore[return-value]
+
+
 def _authorised(request: web.Request) -> bool:
-    token = request.app[SETTINGS_KEY].api_token
+    token = _engine(request).settings.api_token
     if token is None:
         return False
     header = request.headers.get("Authorization", "")
@@ -67,17 +74,29 @@ async def require_token(request: web.Request, handler):
 
 
 async def healthz(request: web.Request) -> web.Response:
-    await request.app[STORE_KEY].fetchone("SELECT 1")
-    return web.json_response({"ok": True})
+    engine = _engine(request)
+    checks: dict[str, Any] = {}
+    try:
+        await engine.store.fetchone("SELECT 1")
+        checks["store"] = True
+    except Exception as error:  # the answer is the health report, whatever broke
+        checks["store"] = f"unreachable: {type(error).__name__}"
+    checks["worker"] = engine.worker_alive()
+    tick = (
+        await engine.store.get_setting(RECONCILER_TICK_SETTING) if checks["store"] is True else None
+    )
+    checks["reconciler_last_tick"] = iso(tick["at"]) if tick else None
+    healthy = checks["store"] is True and checks["worker"] is True
+    return web.json_response({"ok": healthy, **checks}, status=200 if healthy else 503)
 
 
 async def list_tasks(request: web.Request) -> web.Response:
-    store = request.app[STORE_KEY]
+    store = _engine(request).store
     return web.json_response([await task_json(store, task) for task in await store.list_tasks()])
 
 
 async def get_task(request: web.Request) -> web.Response:
-    store = request.app[STORE_KEY]
+    store = _engine(request).store
     task = await store.find_task(request.match_info["ref"])
     if task is None:
         raise web.HTTPNotFound(text='{"error": "no such task"}', content_type="application/json")
@@ -104,9 +123,8 @@ async def get_task(request: web.Request) -> web.Response:
             "ok": None if r.ok is None else bool(r.ok),
             "error": r.error,
             "input_tokens": r.full_input,
-            "cached_input_tokens": (r.cache_read_tokens or 0) + (r.cache_creation_tokens or 0)
-            if r.full_input is not None
-            else None,
+            "cache_read_tokens": r.cache_read_tokens,
+            "cache_creation_tokens": r.cache_creation_tokens,
             "output_tokens": r.output_tokens,
             "cost_usd": r.cost_usd,
             "model": r.model,
@@ -116,45 +134,61 @@ async def get_task(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+# gauges read from the store: (name, help, query whose rows are the labels plus "n")
+STORE_SERIES: tuple[tuple[str, str, str], ...] = (
+    (
+        "conveyor_tasks",
+        "Tasks by stage and status.",
+        "SELECT stage, status, COUNT(*) AS n FROM tasks GROUP BY stage, status",
+    ),
+    ("conveyor_jobs", "Jobs by state.", "SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"),
+    (
+        "conveyor_agent_runs_total",
+        "Agent runs by role and outcome.",
+        "SELECT role, CASE WHEN ok THEN 'ok' ELSE 'failed' END AS outcome, COUNT(*) AS n"
+        " FROM agent_runs WHERE finished_at IS NOT NULL GROUP BY role, outcome",
+    ),
+    (
+        "conveyor_agent_tokens_total",
+        "Agent tokens by role and kind (input is the full input, cache included).",
+        "SELECT role, 'input' AS kind, COALESCE(SUM(COALESCE(input_tokens, 0)"
+        " + COALESCE(cache_read_tokens, 0) + COALESCE(cache_creation_tokens, 0)), 0) AS n"
+        " FROM agent_runs GROUP BY role"
+        " UNION ALL SELECT role, 'cached', COALESCE(SUM(COALESCE(cache_read_tokens, 0)"
+        " + COALESCE(cache_creation_tokens, 0)), 0) FROM agent_runs GROUP BY role"
+        " UNION ALL SELECT role, 'output', COALESCE(SUM(output_tokens), 0)"
+        " FROM agent_runs GROUP BY role",
+    ),
+    (
+        "conveyor_agent_cost_usd_total",
+        "Agent cost in USD by role.",
+        "SELECT role, COALESCE(SUM(cost_usd), 0) AS n FROM agent_runs GROUP BY role",
+    ),
+    (
+        "conveyor_webhook_deliveries_total",
+        "Recorded webhook deliveries by source and processing outcome.",
+        "SELECT source, COALESCE(outcome, 'pending') AS outcome, COUNT(*) AS n"
+        " FROM webhook_deliveries GROUP BY source, outcome",
+    ),
+)
+
+
 async def metrics(request: web.Request) -> web.Response:
-    store = request.app[STORE_KEY]
-    lines = [
-        "# HELP conveyor_tasks Tasks by stage and status.",
-        "# TYPE conveyor_tasks gauge",
-    ]
-    for row in await store.fetchall(
-        "SELECT stage, status, COUNT(*) AS n FROM tasks GROUP BY stage, status"
-    ):
-        lines.append(
-            f'conveyor_tasks{{stage="{row["stage"]}",status="{row["status"]}"}} {row["n"]}'
-        )
-    lines += ["# HELP conveyor_jobs Jobs by state.", "# TYPE conveyor_jobs gauge"]
-    for row in await store.fetchall("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
-        lines.append(f'conveyor_jobs{{state="{row["state"]}"}} {row["n"]}')
-    lines += [
-        "# HELP conveyor_agent_runs_total Agent runs by role and outcome.",
-        "# TYPE conveyor_agent_runs_total counter",
-    ]
-    for row in await store.fetchall(
-        "SELECT role, COALESCE(ok, 0) AS ok, COUNT(*) AS n, COALESCE(SUM(cost_usd), 0) AS cost"
-        " FROM agent_runs GROUP BY role, ok"
-    ):
-        outcome = "ok" if row["ok"] else "failed"
-        lines.append(
-            f'conveyor_agent_runs_total{{role="{row["role"]}",outcome="{outcome}"}} {row["n"]}'
-        )
-    lines += [
-        "# HELP conveyor_agent_cost_usd_total Agent cost in USD.",
-        "# TYPE conveyor_agent_cost_usd_total counter",
-    ]
-    row = await store.fetchone("SELECT COALESCE(SUM(cost_usd), 0) AS cost FROM agent_runs")
-    lines.append(f"conveyor_agent_cost_usd_total {row['cost']}")
+    store = _engine(request).store
+    lines: list[str] = []
+    for name, help_text, query in STORE_SERIES:
+        kind = "counter" if name.endswith("_total") else "gauge"
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for row in await store.fetchall(query):
+            labels = dict(row)
+            value = labels.pop("n")
+            lines.append(f"{name}{format_labels(labels)} {value:g}")
+    lines += COUNTERS.render()
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
-def add_routes(app: web.Application, store: Store, settings: Settings) -> None:
-    app[STORE_KEY] = store
-    app[SETTINGS_KEY] = settings
+def add_routes(app: web.Application, engine: Engine) -> None:
+    app[ENGINE_KEY] = engine
     app.middlewares.append(require_token)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

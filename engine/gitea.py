@@ -1,8 +1,12 @@
 """The Gitea REST client Conveyor uses, and the webhook helpers.
 
 Gitea's answers are normalised here, at the edge: callers get a `Result` (ok, value, error)
-and never an exception, whatever the server or the network does. Failures are logged with
-the method, path and HTTP status; the token never appears in a log line or an error string.
+and never an exception, whatever the server or the network does. Requests go through
+`engine.http_retry`: timeouts, bounded retries with backoff on transport errors, 5xx and 429
+(Retry-After honoured), and a POST (a PR, a merge) never repeated once it may have reached
+the server. Lists follow `page`/`limit` to the end, trusting X-Total-Count over the page size
+(the server may cap `limit`). Failures are logged with the method, path and HTTP status; the
+token never appears in a log line or an error string.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ import hashlib
 import hmac
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import quote
 
 import httpx
 
+from engine.http_retry import RetryPolicy, describe_error, retry_after_s, send_with_retry
 from engine.outcome import Result
 
 log = logging.getLogger(__name__)
@@ -29,8 +35,8 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 API_PREFIX = "/api/v1"
-PAGE_LIMIT = 50  # Gitea's default MAX_RESPONSE_ITEMS
-MAX_PAGES = 20
+PAGE_LIMIT = 50  # Gitea's default MAX_RESPONSE_ITEMS; a server may cap `limit` lower
+MAX_PAGES = 100  # a guard against a server that never stops paging
 ERROR_TEXT_LIMIT = 300
 
 # Combined status words -> the four Conveyor uses. A warning is not green, so it blocks
@@ -83,6 +89,7 @@ class _Reply:
     status: int
     body: Any  # the decoded JSON, or None
     content: bytes
+    total: int | None = None  # X-Total-Count, on lists
 
     @property
     def message(self) -> str:
@@ -144,10 +151,24 @@ class GiteaClient:
         *,
         timeout_s: float = 15,
         transport: httpx.AsyncBaseTransport | None = None,
+        retry_attempts: int = 3,
+        retry_base_s: float = 0.5,
+        retry_cap_s: float = 8.0,
+        max_retry_wait_s: float = 60.0,
     ) -> None:
+        """`base_url` is the server root (or the API root). Each request gets `timeout_s` and
+        up to `retry_attempts` tries in all, with backoff from `retry_base_s` doubling up to
+        `retry_cap_s` (engine.http_retry); a Retry-After over `max_retry_wait_s` fails at once.
+        """
         root = base_url.rstrip("/")
         self.api_url = root if root.endswith(API_PREFIX) else root + API_PREFIX
         self.timeout_s = timeout_s
+        self._retry = RetryPolicy(
+            attempts=retry_attempts,
+            base_s=retry_base_s,
+            cap_s=retry_cap_s,
+            max_wait_s=max_retry_wait_s,
+        )
         self._token = token
         self._http = httpx.AsyncClient(
             base_url=self.api_url,
@@ -254,19 +275,15 @@ class GiteaClient:
 
     async def _find_open_pull(self, repo: str, head: str, base: str) -> Result[PullRequest]:
         branch = head.rpartition(":")[2]  # "owner:branch" names the same branch
-        for page in range(1, MAX_PAGES + 1):
-            params = {"state": "open", "page": page, "limit": PAGE_LIMIT}
-            res = await self._call("GET", repo, "/pulls", params=params)
-            if not res.ok:
-                return self._carry(res)
-            if res.value.status != 200 or not isinstance(res.value.body, list):
-                return self._unexpected("list pull requests", res.value)
-            for item in res.value.body:
-                pull = _parse_pull(item)
-                if pull and (pull.head_ref, pull.base_ref) == (branch, base):
-                    return Result.success(pull, 200)
-            if len(res.value.body) < PAGE_LIMIT:
-                break
+        pages = self._pages(repo, "/pulls", {"state": "open"}, "list pull requests")
+        async with aclosing(pages):
+            async for page in pages:
+                if not page.ok:
+                    return self._carry(page)
+                for item in page.value:
+                    pull = _parse_pull(item)
+                    if pull and (pull.head_ref, pull.base_ref) == (branch, base):
+                        return Result.success(pull, 200)
         return self._fail(f"Gitea reports a PR for {head} -> {base} exists but none is open", 409)
 
     # statuses, branches, files
@@ -323,6 +340,33 @@ class GiteaClient:
 
     # plumbing
 
+    async def _pages(
+        self, repo: str, suffix: str, params: dict[str, Any], what: str
+    ) -> AsyncIterator[Result[list[Any]]]:
+        """Gitea's page/limit pagination: one Result per non-empty page; a failure is the last.
+
+        It ends at an empty page, or once X-Total-Count items came. A short page alone proves
+        nothing: the server caps `limit` at its MAX_RESPONSE_ITEMS, which may be below ours.
+        """
+        seen = 0
+        for page in range(1, MAX_PAGES + 1):
+            query = {**params, "page": page, "limit": PAGE_LIMIT}
+            res = await self._call("GET", repo, suffix, params=query)
+            if not res.ok:
+                yield self._carry(res)
+                return
+            reply = res.value
+            if reply.status != 200 or not isinstance(reply.body, list):
+                yield self._unexpected(what, reply)
+                return
+            if not reply.body:
+                return
+            yield Result.success(reply.body, 200)
+            seen += len(reply.body)
+            if reply.total is not None and seen >= reply.total:
+                return
+        yield self._fail(f"{what}: gave up after {MAX_PAGES} pages")
+
     async def _call(
         self,
         method: str,
@@ -337,16 +381,29 @@ class GiteaClient:
         if not (owner and slash and name) or "/" in name:
             return self._fail(f"invalid repository {repo!r}: expected owner/name")
         path = f"/repos/{quote(owner, safe='')}/{quote(name, safe='')}{suffix}"
-        try:
-            resp = await self._http.request(method, path, json=json, params=params)
-        except httpx.TimeoutException:
+        resp = await send_with_retry(
+            self._http,
+            method,
+            path,
+            policy=self._retry,
+            service="gitea",
+            scrub=self._scrub,
+            json=json,
+            params=params,
+        )
+        if isinstance(resp, httpx.TimeoutException):
             return self._fail(f"{method} {path}: Gitea did not answer within {self.timeout_s}s")
-        except httpx.HTTPError as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(resp, Exception):
+            reason = describe_error(resp)
             return self._fail(f"{method} {path}: cannot reach Gitea at {self.api_url}: {reason}")
         if resp.status_code == 401:
             return self._fail(f"{method} {path}: HTTP 401: the Gitea token was refused", 401)
-        return Result.success(_Reply(resp.status_code, _json_or_none(resp), resp.content))
+        if resp.status_code == 429:
+            wait = retry_after_s(resp)
+            after = f" (retry after {wait:g}s)" if wait is not None else ""
+            return self._fail(f"{method} {path}: rate limited by Gitea{after}", 429)
+        reply = _Reply(resp.status_code, _json_or_none(resp), resp.content, _total_count(resp))
+        return Result.success(reply)
 
     def _pull(self, reply: _Reply) -> Result[PullRequest]:
         pull = _parse_pull(reply.body)
@@ -377,6 +434,14 @@ def _json_or_none(resp: httpx.Response) -> Any:
         return resp.json() if resp.content else None
     except ValueError:
         return None
+
+
+def _total_count(resp: httpx.Response) -> int | None:
+    try:
+        total = int(resp.headers.get("X-Total-Count", ""))
+    except ValueError:
+        return None
+    return total if total >= 0 else None
 
 
 def _decode_base64(content: str) -> str:

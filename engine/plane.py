@@ -5,13 +5,14 @@ Every method returns a `Result` and logs what went wrong; none raises into the c
 the `X-Api-Key` header; cursor pagination followed while `next_page_results` is true; no state
 filter on the issue list; a state change is `PATCH {"state": <uuid>}`, and Plane sends no
 webhook when the value did not change, so repeating it is harmless; `?expand=state` nests the
-state. Tokens never appear in logs or error strings.
+state; over the rate limit it answers 429 with Retry-After. Requests go through
+`engine.http_retry`: timeouts, bounded retries with backoff, Retry-After honoured, and a POST
+never repeated once it may have reached the server. Tokens never appear in logs or error
+strings.
 """
 
 from __future__ import annotations
 
-import asyncio
-import email.utils
 import hashlib
 import hmac
 import logging
@@ -26,6 +27,7 @@ from urllib.parse import quote
 
 import httpx
 
+from engine.http_retry import RetryPolicy, describe_error, retry_after_s, send_with_retry
 from engine.outcome import Result
 
 log = logging.getLogger(__name__)
@@ -154,19 +156,6 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _retry_after_s(response: httpx.Response) -> float:
-    """Seconds from Retry-After (delta seconds or an HTTP date); 1 when missing or bad."""
-    raw = response.headers.get("Retry-After", "").strip()
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(raw).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError):
-        return 1.0
-
-
 def _error_detail(response: httpx.Response) -> str:
     try:
         body = response.json()
@@ -205,17 +194,27 @@ class PlaneClient:
         timeout_s: float = 15,
         transport: httpx.AsyncBaseTransport | None = None,
         state_cache_s: float = 60.0,
+        retry_attempts: int = 3,
+        retry_base_s: float = 0.5,
+        retry_cap_s: float = 8.0,
         max_retry_wait_s: float = 60.0,
     ) -> None:
         """`api_url` is the server root; the client adds /api/v1.
 
-        A 429 is waited out once (Retry-After, at most `max_retry_wait_s`) and retried.
+        Each request gets `timeout_s` and up to `retry_attempts` tries in all, with backoff
+        from `retry_base_s` doubling up to `retry_cap_s` (engine.http_retry). A Retry-After
+        over `max_retry_wait_s` is not waited for: the call fails at once.
         """
         root = api_url.rstrip("/").removesuffix(API_PREFIX)
         self._me_url = f"{root}{API_PREFIX}/users/me/"
         self._timeout_s = timeout_s
         self._state_cache_s = state_cache_s
-        self._max_retry_wait_s = max_retry_wait_s
+        self._retry = RetryPolicy(
+            attempts=retry_attempts,
+            base_s=retry_base_s,
+            cap_s=retry_cap_s,
+            max_wait_s=max_retry_wait_s,
+        )
         self._secrets = {token}
         self._states: dict[str, tuple[float, list[PlaneState]]] = {}
         self._http = httpx.AsyncClient(
@@ -325,7 +324,10 @@ class PlaneClient:
         if not state.ok:
             return state
         patched = await self._call(
-            "PATCH", self._issue_path(project_id, issue_id), body={"state": state.value}
+            "PATCH",
+            self._issue_path(project_id, issue_id),
+            body={"state": state.value},
+            idempotent=True,  # the same state again changes nothing and sends no webhook
         )
         return _ok(None) if patched.ok else patched
 
@@ -412,39 +414,37 @@ class PlaneClient:
         params: dict[str, Any] | None = None,
         body: dict[str, Any] | None = None,
         token: str | None = None,
+        idempotent: bool | None = None,
     ) -> Result[Any]:
-        """One request; a 429 is waited out once. Never raises."""
+        """One request, retried under the client's policy (engine.http_retry). Never raises."""
         what = f"{method} {path}"
         headers = {"X-Api-Key": token} if token else None
         if token:
             self._secrets.add(token)
-        options = {"params": params, "json": body, "headers": headers}
-        response = await self._send(what, method, path, options)
-        if isinstance(response, httpx.Response) and response.status_code == 429:
-            wait = _retry_after_s(response)
-            if wait <= self._max_retry_wait_s:
-                log.info("plane: rate limited on %s; retrying in %.1fs", what, wait)
-                await asyncio.sleep(wait)
-                response = await self._send(what, method, path, options)
-        if isinstance(response, Result):
-            return response
-        return self._answer(what, response)
-
-    async def _send(
-        self, what: str, method: str, path: str, options: dict[str, Any]
-    ) -> httpx.Response | Result[Any]:
-        try:
-            return await self._http.request(method, path, **options)
-        except httpx.TimeoutException:
+        response = await send_with_retry(
+            self._http,
+            method,
+            path,
+            policy=self._retry,
+            idempotent=idempotent,
+            service="plane",
+            scrub=self._scrub,
+            params=params,
+            json=body,
+            headers=headers,
+        )
+        if isinstance(response, httpx.TimeoutException):
             return self._fail(f"{what}: Plane did not answer within {self._timeout_s:g}s")
-        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-            return self._fail(f"{what}: Plane unreachable ({type(exc).__name__}: {exc})")
+        if isinstance(response, Exception):
+            return self._fail(f"{what}: Plane unreachable ({describe_error(response)})")
+        return self._answer(what, response)
 
     def _answer(self, what: str, response: httpx.Response) -> Result[Any]:
         status = response.status_code
         if status == 429:
-            wait = _retry_after_s(response)
-            return self._fail(f"{what}: rate limited by Plane (retry after {wait:g}s)", status)
+            wait = retry_after_s(response)
+            after = f" (retry after {wait:g}s)" if wait is not None else ""
+            return self._fail(f"{what}: rate limited by Plane{after}", status)
         if not 200 <= status < 300:
             return self._fail(f"{what}: HTTP {status}: {_error_detail(response)}", status)
         if status == 204 or not response.content:
@@ -455,10 +455,15 @@ class PlaneClient:
             return self._fail(f"{what}: Plane answered HTTP {status} with invalid JSON", status)
 
     def _fail(self, error: str, status: int | None = None) -> Result[Any]:
-        for secret in self._secrets:
-            error = error.replace(secret, "***")
+        error = self._scrub(error)
         log.warning("plane: %s", error)
         return _failed(error, status)
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
 
 def _parse_state(raw: dict[str, Any]) -> PlaneState | None:

@@ -108,19 +108,24 @@ class Engine:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def wait_settled(self, task_id: int, statuses: frozenset[str] = SETTLED) -> Task:
+    async def wait_settled(
+        self, task_id: int, statuses: frozenset[str] = SETTLED, *, idle_active: bool = True
+    ) -> Task:
         """Wait until the task reaches one of `statuses` with no job left to run.
 
-        An active task with no job (a red gate that waits for the reconciler) is
-        settled too: nothing will move it from inside the engine.
+        With `idle_active`, an active task with no job (a red gate that waits for a
+        webhook or the reconciler) is settled too: nothing inside the engine moves it.
         """
         while True:
             task = await self.store.get_task(task_id)
             assert task is not None
-            waiting = task.status in statuses or task.status == Status.ACTIVE
+            waiting = task.status in statuses or (idle_active and task.status == Status.ACTIVE)
             if waiting and not await self.has_active_job(task_id):
                 return task
             await asyncio.sleep(0.05)
+
+    def worker_alive(self) -> bool:
+        return self._worker_task is not None and not self._worker_task.done()
 
     async def has_active_job(self, task_id: int) -> bool:
         return await self.store.has_active_job(task_id)

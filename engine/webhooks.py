@@ -23,6 +23,7 @@ from aiohttp import web
 
 from engine import gitea, plane
 from engine.config import ProjectConfig, Settings
+from engine.metrics import COUNTERS
 from engine.pipeline import Pipeline
 from engine.plane import PlaneClient, strip_html
 from engine.stages import ROLES, Stage, Status
@@ -149,6 +150,19 @@ class WebhookIntake:
         return await self.receive(request, SOURCES["gitea"])
 
     async def receive(self, request: web.Request, source: Source) -> web.Response:
+        try:
+            response = await self._receive(request, source)
+        except web.HTTPException as error:
+            COUNTERS.inc(
+                "conveyor_webhooks_received_total", source=source.name, status=str(error.status)
+            )
+            raise
+        COUNTERS.inc(
+            "conveyor_webhooks_received_total", source=source.name, status=str(response.status)
+        )
+        return response
+
+    async def _receive(self, request: web.Request, source: Source) -> web.Response:
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, request.content_length)
         body = await request.read()

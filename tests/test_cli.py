@@ -87,6 +87,7 @@ def test_demo_runs_one_task_to_done_with_a_visible_rollback(tmp_path: Path) -> N
         assert label in out
     assert "opus-4-7" in out and "$" in out
     assert "card in Telegram" in out and "🏁" in out  # the card, as the operator saw it
+    assert "Plane issue: Done · pull request: merged" in out  # the board and the forge agree
     assert out.rstrip().splitlines()[-1].startswith("done ✔")
 
 

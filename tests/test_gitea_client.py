@@ -10,10 +10,12 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from aiohttp import web
 
 from engine.gitea import (
+    MAX_PAGES,
     CombinedStatus,
     GiteaClient,
     MergeOutcome,
@@ -27,6 +29,7 @@ from tests.test_sandbox_gitea import FILES, clone, commit_push, git, parents
 TOKEN = "s3cret-gitea-token-4711"
 OWNER, NAME = "org", "app"
 REPO = f"{OWNER}/{NAME}"
+FAST = {"retry_base_s": 0.01, "retry_cap_s": 0.02}  # the default policy, with tiny waits
 
 
 @pytest.fixture
@@ -187,7 +190,7 @@ async def test_a_409_is_classified_by_re_reading_the_pr(
 
     runner, url = await serve(forge)
     try:
-        async with GiteaClient(url, TOKEN) as client:
+        async with GiteaClient(url, TOKEN, **FAST) as client:
             res = await client.merge_pull_request(REPO, 1, "a" * 40)
     finally:
         await runner.cleanup()
@@ -284,7 +287,8 @@ async def test_file_text(client: GiteaClient, work: Path) -> None:
 
 async def test_a_server_that_is_down_gives_clear_errors(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    async with GiteaClient(f"http://127.0.0.1:{closed_port()}", TOKEN, timeout_s=2) as client:
+    url = f"http://127.0.0.1:{closed_port()}"
+    async with GiteaClient(url, TOKEN, timeout_s=2, **FAST) as client:
         calls = [
             client.ensure_pull_request(REPO, "feature/x", "main", "t", ""),
             client.get_pull_request(REPO, 1),
@@ -321,7 +325,7 @@ async def test_a_server_echoing_the_token_is_scrubbed(caplog: pytest.LogCaptureF
     caplog.set_level(logging.DEBUG)
     runner, url = await serve(echo)
     try:
-        async with GiteaClient(url, TOKEN) as client:
+        async with GiteaClient(url, TOKEN, **FAST) as client:
             res = await client.get_pull_request(REPO, 1)
     finally:
         await runner.cleanup()
@@ -337,7 +341,7 @@ async def test_a_slow_server_times_out_without_raising() -> None:
 
     runner, url = await serve(slow)
     try:
-        async with GiteaClient(url, TOKEN, timeout_s=0.2) as client:
+        async with GiteaClient(url, TOKEN, timeout_s=0.2, **FAST) as client:
             res = await client.branch_head(REPO, "main")
     finally:
         await runner.cleanup()
@@ -372,6 +376,183 @@ async def test_the_base_url_is_the_server_root(gitea: GiteaSandbox) -> None:
             assert client.api_url == gitea.api_url
             assert (await client.branch_head(REPO, "main")).ok
     assert TOKEN not in repr(GiteaClient(gitea.base_url, TOKEN))
+
+
+# --- retries ---------------------------------------------------------------------------------
+
+
+class Script:
+    """Answers scripted (status, headers) in turn, then `body` with 200; an error answer
+    echoes the Authorization header, as a careless proxy might."""
+
+    def __init__(self, *answers: tuple[int, dict[str, str]] | int, body: object = None) -> None:
+        self.answers = [(a, {}) if isinstance(a, int) else a for a in answers]
+        self.body = body
+        self.seen: list[str] = []
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        self.seen.append(request.method)
+        if len(self.seen) > len(self.answers):
+            return web.json_response(self.body)
+        status, headers = self.answers[len(self.seen) - 1]
+        message = {"message": f"trouble for {request.headers.get('Authorization')}"}
+        return web.json_response(message, status=status, headers=headers)
+
+
+class CountingTransport(httpx.AsyncHTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        return await super().handle_async_request(request)
+
+
+async def test_a_get_succeeds_after_two_502s(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    script = Script(502, 502, body=pull_json("a" * 40))
+    runner, url = await serve(script)
+    try:
+        async with GiteaClient(url, TOKEN, **FAST) as client:
+            res = await client.get_pull_request(REPO, 1)
+    finally:
+        await runner.cleanup()
+    assert res.ok and res.value.head_sha == "a" * 40
+    assert script.seen == ["GET"] * 3
+    assert caplog.text.count("gitea: GET /repos/org/app/pulls/1: HTTP 502; retry") == 2
+    assert TOKEN not in caplog.text
+
+
+async def test_a_503_with_retry_after_is_honoured() -> None:
+    script = Script((503, {"Retry-After": "1"}), body=pull_json("a" * 40))
+    runner, url = await serve(script)
+    try:
+        async with GiteaClient(url, TOKEN, **FAST) as client:
+            res = await client.get_pull_request(REPO, 1)
+    finally:
+        await runner.cleanup()
+    assert res.ok and script.seen == ["GET", "GET"]
+
+
+async def test_a_429_asking_for_more_than_the_limit_fails_at_once() -> None:
+    script = Script((429, {"Retry-After": "3600"}), body=pull_json("a" * 40))
+    runner, url = await serve(script)
+    try:
+        async with GiteaClient(url, TOKEN, max_retry_wait_s=5) as client:
+            res = await client.get_pull_request(REPO, 1)
+    finally:
+        await runner.cleanup()
+    assert not res.ok and res.status == 429
+    assert res.error == "GET /repos/org/app/pulls/1: rate limited by Gitea (retry after 3600s)"
+    assert script.seen == ["GET"]
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+async def test_posts_are_not_repeated_after_a_5xx(
+    status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    script = Script(status, status)
+    runner, url = await serve(script)
+    try:
+        async with GiteaClient(url, TOKEN, **FAST) as client:
+            created = await client.ensure_pull_request(REPO, "feature/x", "main", "t", "")
+            merged = await client.merge_pull_request(REPO, 1, "a" * 40)
+    finally:
+        await runner.cleanup()
+    assert script.seen == ["POST", "POST"]  # one each: a retry could open a second PR
+    assert not created.ok and created.status == status
+    assert not merged.ok and merged.status == status
+    assert "trouble for token ***" in created.error
+    for text in (created.error, merged.error, caplog.text):
+        assert TOKEN not in text
+
+
+async def test_a_post_to_a_closed_port_is_retried_then_fails_clearly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    transport = CountingTransport()
+    url = f"http://127.0.0.1:{closed_port()}"
+    async with GiteaClient(url, TOKEN, transport=transport, retry_attempts=4, **FAST) as client:
+        res = await client.ensure_pull_request(REPO, "feature/x", "main", "t", "")
+    assert not res.ok and res.status is None
+    assert res.error.startswith(f"POST /repos/org/app/pulls: cannot reach Gitea at {url}/api/v1")
+    assert "ConnectError" in res.error
+    assert transport.sent == 4
+    assert len([r for r in caplog.records if r.name == "engine.http_retry"]) == 3
+    assert TOKEN not in res.error and TOKEN not in caplog.text
+
+
+# --- pagination ------------------------------------------------------------------------------
+
+
+class PullList:
+    """GET /pulls over `count` open PRs (feature/0, feature/1, ...), capping `limit` at
+    `cap` as Gitea's MAX_RESPONSE_ITEMS does; X-Total-Count only when `total` is set."""
+
+    def __init__(self, count: int, cap: int, *, total: bool = True, ignore_page: bool = False):
+        self.pulls = [
+            {"number": n + 1, "head": {"ref": f"feature/{n}"}, "base": {"ref": "main"}}
+            for n in range(count)
+        ]
+        self.cap, self.total, self.ignore_page = cap, total, ignore_page
+        self.pages: list[int] = []
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            return web.json_response({"message": "pull request already exists"}, status=409)
+        page = int(request.query["page"])
+        limit = min(int(request.query["limit"]), self.cap)
+        self.pages.append(page)
+        start = 0 if self.ignore_page else (page - 1) * limit
+        headers = {"X-Total-Count": str(len(self.pulls))} if self.total else {}
+        return web.json_response(self.pulls[start : start + limit], headers=headers)
+
+
+async def find(server: PullList, branch: str):
+    runner, url = await serve(server)
+    try:
+        async with GiteaClient(url, TOKEN, **FAST) as client:
+            return await client.ensure_pull_request(REPO, branch, "main", "t", "")
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_open_pr_is_found_on_a_late_page_of_a_capped_list() -> None:
+    server = PullList(5, cap=2)
+    res = await find(server, "feature/4")
+    assert res.ok and res.value.number == 5
+    assert server.pages == [1, 2, 3]
+
+
+async def test_x_total_count_ends_the_list_without_an_empty_page() -> None:
+    server = PullList(4, cap=2)
+    res = await find(server, "feature/none")
+    assert not res.ok and "none is open" in res.error
+    assert server.pages == [1, 2]
+
+
+async def test_without_x_total_count_an_empty_page_ends_the_list() -> None:
+    server = PullList(4, cap=2, total=False)
+    res = await find(server, "feature/none")
+    assert not res.ok and "none is open" in res.error
+    assert server.pages == [1, 2, 3]
+
+
+async def test_the_search_stops_at_the_page_with_the_pr() -> None:
+    server = PullList(9, cap=2)
+    res = await find(server, "feature/2")
+    assert res.ok and res.value.number == 3
+    assert server.pages == [1, 2]
+
+
+async def test_a_list_that_never_ends_is_given_up() -> None:
+    server = PullList(3, cap=3, total=False, ignore_page=True)
+    res = await find(server, "feature/none")
+    assert not res.ok and f"gave up after {MAX_PAGES} pages" in res.error
+    assert len(server.pages) == MAX_PAGES
 
 
 # --- webhook helpers -------------------------------------------------------------------------

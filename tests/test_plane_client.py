@@ -7,8 +7,9 @@ import hashlib
 import hmac
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import httpx
 import pytest
 from aiohttp import web
 
@@ -19,6 +20,7 @@ from tests.test_sandbox_plane import WebhookReceiver
 MAIN = "plane_api_main_s3cr3t"
 BOT = "plane_api_bot_t0ps3cr3t"
 SECRET = "plane_wh_client_tests"
+FAST = {"retry_base_s": 0.01, "retry_cap_s": 0.02}  # the default policy, with tiny waits
 
 
 @pytest.fixture
@@ -221,7 +223,7 @@ async def test_server_down_gives_results_not_exceptions(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    async with PlaneClient(closed_port_url(), MAIN, "acme", timeout_s=5) as client:
+    async with PlaneClient(closed_port_url(), MAIN, "acme", timeout_s=5, **FAST) as client:
         results = [
             await client.list_states("p"),
             await client.state_id("p", "Done"),
@@ -284,7 +286,7 @@ async def test_invalid_json_is_a_clear_error(odd_server: str) -> None:
 
 
 async def test_slow_server_is_a_timeout_result(odd_server: str) -> None:
-    async with PlaneClient(odd_server, BOT, "acme", timeout_s=0.2) as client:
+    async with PlaneClient(odd_server, BOT, "acme", timeout_s=0.2, **FAST) as client:
         result = await client.list_states("p")
 
     assert not result.ok and "did not answer within 0.2s" in (result.error or "")
@@ -313,6 +315,136 @@ async def test_rate_limit_longer_than_the_cap_fails_fast() -> None:
     assert first.ok
     assert not second.ok and second.status == 429
     assert "rate limited" in (second.error or "")
+
+
+# --- retries -------------------------------------------------------------------------------
+
+STATES_PAGE = {
+    "results": [{"id": "s1", "name": "Done", "group": "completed"}],
+    "next_page_results": False,
+    "next_cursor": "1000:1:0",
+}
+
+
+class Flaky:
+    """A real server answering scripted (status, headers) in turn, then success. A success
+    carries `body`; an error carries a detail that leaks the key (the client must scrub it)."""
+
+    def __init__(self, *answers: tuple[int, dict[str, str]] | int, body: object = None) -> None:
+        self.answers = [(a, {}) if isinstance(a, int) else a for a in answers]
+        self.body = body
+        self.seen: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append(request.method)
+        key = request.headers.get("X-Api-Key", "")
+        status, headers = 201 if request.method == "POST" else 200, {}
+        if len(self.seen) <= len(self.answers):
+            status, headers = self.answers[len(self.seen) - 1]
+        if status >= 400:
+            detail = {"detail": f"upstream trouble for {key}"}
+            return web.json_response(detail, status=status, headers=headers)
+        return web.json_response(self.body, status=status, headers=headers)
+
+
+@pytest.fixture
+async def flaky() -> AsyncIterator[Callable[[Flaky], Awaitable[str]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(server: Flaky) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", server.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+class CountingTransport(httpx.AsyncHTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        return await super().handle_async_request(request)
+
+
+async def test_a_get_succeeds_after_two_502s(flaky, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    server = Flaky(502, 502, body=STATES_PAGE)
+    async with PlaneClient(await flaky(server), MAIN, "acme", **FAST) as client:
+        states = await client.list_states("p")
+
+    assert states.ok and [state.name for state in states.value or []] == ["Done"]
+    assert server.seen == ["GET"] * 3
+    assert caplog.text.count("plane: GET projects/p/states/: HTTP 502; retry") == 2
+    assert MAIN not in caplog.text
+
+
+async def test_retry_after_on_a_503_is_honoured(flaky) -> None:
+    server = Flaky((503, {"Retry-After": "1"}), body=STATES_PAGE)
+    async with PlaneClient(await flaky(server), MAIN, "acme", **FAST) as client:
+        states = await client.list_states("p")
+
+    assert states.ok and server.seen == ["GET", "GET"]
+
+
+async def test_a_429_asking_for_more_than_the_limit_fails_at_once(flaky) -> None:
+    server = Flaky((429, {"Retry-After": "3600"}), body=STATES_PAGE)
+    async with PlaneClient(await flaky(server), MAIN, "acme", max_retry_wait_s=5) as client:
+        states = await client.list_states("p")
+
+    assert not states.ok and states.status == 429
+    assert states.error == "GET projects/p/states/: rate limited by Plane (retry after 3600s)"
+    assert server.seen == ["GET"]
+
+
+async def test_a_comment_is_not_posted_again_after_a_500(
+    flaky, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    server = Flaky(500, body={"id": "c1"})
+    async with PlaneClient(await flaky(server), MAIN, "acme", **FAST) as client:
+        posted = await client.add_comment("p", "i", "<p>once</p>", token=BOT)
+
+    assert not posted.ok and posted.status == 500
+    assert server.seen == ["POST"]  # a retry could have made a second comment
+    assert "upstream trouble for ***" in (posted.error or "")
+    for text in (posted.error or "", caplog.text):
+        assert BOT not in text and MAIN not in text
+
+
+async def test_a_state_change_is_repeated_after_a_502(flaky) -> None:
+    """PATCH {"state"} is safe to repeat (the same state again changes nothing)."""
+    server = Flaky(200, 502, body=STATES_PAGE)  # the states, then the first PATCH fails
+    async with PlaneClient(await flaky(server), MAIN, "acme", **FAST) as client:
+        moved = await client.set_state("p", "i", "Done")
+
+    assert moved.ok and server.seen == ["GET", "PATCH", "PATCH"]
+
+
+async def test_a_comment_to_a_closed_port_is_retried_then_fails_clearly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    transport = CountingTransport()
+    options = {"transport": transport, "retry_attempts": 4, **FAST}
+    async with PlaneClient(closed_port_url(), MAIN, "acme", **options) as client:
+        posted = await client.add_comment("p", "i", "<p>x</p>", token=BOT)
+
+    assert not posted.ok and posted.status is None
+    error = posted.error or ""
+    assert error.startswith("POST projects/p/work-items/i/comments/: Plane unreachable (Connect")
+    assert transport.sent == 4
+    assert len([r for r in caplog.records if r.name == "engine.http_retry"]) == 3
+    for text in (posted.error or "", caplog.text):
+        assert BOT not in text and MAIN not in text
 
 
 # --- module functions --------------------------------------------------------------------
