@@ -55,6 +55,7 @@ async def run_app(settings: Settings) -> int:
         if console is not None:
             await console.start()
         engine.start_worker()
+        await engine.start_reconciler()
         try:
             await stop.wait()
         finally:

@@ -14,6 +14,7 @@ from bot.texts import Texts
 from engine.config import Settings
 from engine.gates import report_relpath
 from engine.links import forge_file_url, tracker_issue_url
+from engine.reconciler import ACTOR as RECONCILER_ACTOR
 from engine.stages import STAGES, Stage, Status, stage_index
 from engine.store import Event, Store, Task, now
 from engine.summary import StageFigures, task_figures
@@ -78,6 +79,12 @@ def brd_review(events: list[Event]) -> dict | None:
     return review
 
 
+def last_reconciled(events: list[Event]) -> Event | None:
+    """The reconciler's move, when it is the task's latest."""
+    moves = [e for e in events if e.kind == "advanced"]
+    return moves[-1] if moves and moves[-1].actor == RECONCILER_ACTOR else None
+
+
 class CardRenderer:
     def __init__(self, store: Store, settings: Settings, texts: Texts) -> None:
         self.store = store
@@ -98,6 +105,7 @@ class CardRenderer:
             "rows": rows,
             "figures": figures,
             "review": brd_review(events),
+            "reconciled": last_reconciled(events),
             "mode": mode,
             "brd_url": forge_file_url(
                 self.settings, task, report_relpath(task.work_item, "brd_ready")

@@ -137,7 +137,9 @@ class DemoOperator:
     def card(self):
         if self.work_item is None:
             return None
-        cards = [m for m in self.sandbox.messages(self.chat_id) if m.text.startswith(self.work_item)]
+        cards = [
+            m for m in self.sandbox.messages(self.chat_id) if m.text.startswith(self.work_item)
+        ]
         return cards[-1] if cards else None
 
     def look(self) -> None:

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 from pydantic import SecretStr
@@ -27,6 +27,9 @@ from engine.gitea import GiteaClient
 from engine.plane import PlaneClient, PlaneState
 from engine.runtime import gitea_client, plane_client
 from engine.templating import text_environment
+
+if TYPE_CHECKING:
+    from aiogram import Bot
 
 TEMPLATE = "console/doctor.txt.j2"
 CHECK_TIMEOUT_S = 5.0
@@ -52,7 +55,10 @@ class Check:
 
 
 async def run_doctor(settings: Settings) -> int:
-    checks = await collect_checks(settings)
+    try:
+        checks = await collect_checks(settings)
+    except Exception as error:  # a bug here must still leave a line, not a traceback
+        checks = [Check("fail", "doctor", "error", args={"reason": _reason(error)})]
     print(render(settings, checks), end="", flush=True)
     return 1 if any(check.status == "fail" for check in checks) else 0
 
@@ -233,12 +239,20 @@ def telegram_checks(settings: Settings) -> list[Awaitable[list[Check]]]:
         if settings.telegram_admin_ids
         else Check("fail", "telegram_admins", "unset", args={"name": "ORCH_TELEGRAM_ADMIN_IDS"})
     )
-    return [guarded("telegram_bot", lambda: check_telegram_bot(settings)), _sync([chat, admins])]
+    # Imported here, before any timeout starts (aiogram takes seconds to import), and only
+    # when Telegram is configured; a broken import is a failed line.
+    try:
+        from bot.telegram import build_bot
+    except Exception as error:
+        failed = Check("fail", "telegram_bot", "error", args={"reason": _reason(error)})
+        return [_sync([failed, chat, admins])]
+    check = guarded("telegram_bot", lambda: check_telegram_bot(settings, build_bot))
+    return [check, _sync([chat, admins])]
 
 
-async def check_telegram_bot(settings: Settings) -> list[Check]:
-    from bot.telegram import build_bot  # here, so a broken import is a failed line
-
+async def check_telegram_bot(
+    settings: Settings, build_bot: Callable[[Settings], Bot]
+) -> list[Check]:
     bot = build_bot(settings)
     try:
         me = await bot.get_me(request_timeout=int(CHECK_TIMEOUT_S))
@@ -343,7 +357,9 @@ async def check_gitea_repo(gitea: GiteaClient, project: ProjectConfig, repo: str
         return [Check("fail", "gitea_repo", "error", project.key, {"reason": _reason(head.error)})]
     if head.value is None:
         return [Check("fail", "gitea_repo", "gitea_missing", project.key, args)]
-    return [Check("ok", "gitea_repo", "gitea_branch", project.key, {**args, "sha": head.value[:10]})]
+    return [
+        Check("ok", "gitea_repo", "gitea_branch", project.key, {**args, "sha": head.value[:10]})
+    ]
 
 
 async def check_plane_states(

@@ -20,7 +20,13 @@ from enum import StrEnum
 from typing import TypeVar
 
 from aiogram import Bot
-from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramRetryAfter
+from aiogram.exceptions import (
+    TelegramAPIError,
+    TelegramBadRequest,
+    TelegramNetworkError,
+    TelegramRetryAfter,
+    TelegramServerError,
+)
 from aiogram.types import Message
 
 from bot.cards import CardRenderer, RenderedCard
@@ -29,7 +35,7 @@ from engine.gates import report_relpath
 from engine.links import forge_file_url, tracker_issue_url
 from engine.metrics import COUNTERS
 from engine.notifier import AlertKind
-from engine.store import Store, now
+from engine.store import Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -192,6 +198,11 @@ class CardPublisher:
         except TelegramRetryAfter as error:
             await self._back_off(error)
             self._alerts.appendleft(alert)
+        except (TelegramNetworkError, TelegramServerError) as error:
+            # Telegram is unreachable: nothing else gets through either; wait, then try again
+            log.warning("alert %s for task %s waits: %s", alert.kind, alert.task_id, error.message)
+            await asyncio.sleep(TRANSIENT_RETRY_S)
+            self._alerts.appendleft(alert)
         except TelegramAPIError as error:
             alert.tries += 1
             log.warning("alert %s for task %s failed: %s", alert.kind, alert.task_id, error.message)
@@ -236,21 +247,22 @@ class CardPublisher:
         rendered = await self.renderer.render(task, mode)
         if card is not None and card["message_id"] and card["render_hash"] == rendered.digest:
             return
+        as_of = task.updated_at  # the state the card shows, which resync_cards compares
         if card is None or not card["message_id"]:
-            await self._send_card(task_id, rendered)
+            await self._send_card(task_id, rendered, as_of)
         elif mode == "bump":
             await self._delete_quietly(card["message_id"])
-            await self._send_card(task_id, rendered)
+            await self._send_card(task_id, rendered, as_of)
         else:
             outcome = await self._edit_card(card["message_id"], rendered)
             if outcome is EditOutcome.GONE:
-                await self._send_card(task_id, rendered)
+                await self._send_card(task_id, rendered, as_of)
             elif outcome is EditOutcome.FAILED:
                 self._due.setdefault(task_id, time.monotonic() + TRANSIENT_RETRY_S)
             else:
-                await self._save_card(task_id, card["message_id"], rendered.digest)
+                await self._save_card(task_id, card["message_id"], rendered.digest, as_of)
 
-    async def _send_card(self, task_id: int, rendered: RenderedCard) -> None:
+    async def _send_card(self, task_id: int, rendered: RenderedCard, as_of: float) -> None:
         message: Message = await self._paced(
             "sendMessage",
             lambda: self.bot.send_message(
@@ -260,7 +272,7 @@ class CardPublisher:
                 disable_notification=True,
             ),
         )
-        await self._save_card(task_id, message.message_id, rendered.digest)
+        await self._save_card(task_id, message.message_id, rendered.digest, as_of)
 
     async def _edit_card(self, message_id: int, rendered: RenderedCard) -> EditOutcome:
         try:
@@ -291,18 +303,19 @@ class CardPublisher:
         else:
             count_call("deleteMessage", "ok")
 
-    async def _save_card(self, task_id: int, message_id: int, digest: str) -> None:
+    async def _save_card(self, task_id: int, message_id: int, digest: str, as_of: float) -> None:
         async with self.store.tx() as conn:
             await conn.execute(
                 "INSERT INTO cards (task_id, chat_id, message_id, render_hash, updated_at)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_id) DO UPDATE SET"
                 " chat_id = excluded.chat_id, message_id = excluded.message_id,"
                 " render_hash = excluded.render_hash, updated_at = excluded.updated_at",
-                (task_id, self.chat_id, message_id, digest, now()),
+                (task_id, self.chat_id, message_id, digest, as_of),
             )
 
     async def send(self, text: str, **kwargs) -> Message:
         """A reply to a person in the chat, paced like the cards; waits out a 429 and retries."""
+
         def call() -> Awaitable[Message]:
             return self.bot.send_message(self.chat_id, text, **kwargs)
 

@@ -28,6 +28,7 @@ from engine.runtime import Engine
 log = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/webhooks/telegram"
+POLL_RETRY_MAX_S = 60.0
 
 
 class TelegramNotifier:
@@ -125,10 +126,21 @@ class TelegramConsole:
             return
         with contextlib.suppress(TelegramAPIError):
             await self.bot.delete_webhook()
-        self._polling = asyncio.create_task(
-            self.dispatcher.start_polling(self.bot, handle_signals=False, allowed_updates=allowed),
-            name="telegram-polling",
-        )
+        self._polling = asyncio.create_task(self._poll(allowed), name="telegram-polling")
+
+    async def _poll(self, allowed: list[str]) -> None:
+        """Long polling that outlives Telegram being down (aiogram gives up when getMe fails)."""
+        delay = 1.0
+        while True:
+            try:
+                await self.dispatcher.start_polling(
+                    self.bot, handle_signals=False, allowed_updates=allowed, close_bot_session=False
+                )
+                return
+            except TelegramAPIError as error:
+                log.warning("Telegram polling stopped: %s; retrying in %.0fs", error.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, POLL_RETRY_MAX_S)
 
     async def resync_cards(self) -> None:
         """Cards whose task changed after their last delivery (e.g. before a restart) are due."""
@@ -141,8 +153,9 @@ class TelegramConsole:
 
     async def stop(self) -> None:
         if self._polling is not None:
-            with contextlib.suppress(RuntimeError):
+            with contextlib.suppress(RuntimeError):  # not started yet, or between retries
                 await self.dispatcher.stop_polling()
+            self._polling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._polling
             self._polling = None

@@ -126,6 +126,7 @@ class Settings(BaseSettings):
     reconcile_skip_blocked_enabled: bool = True
     reconcile_interval_s: float = Field(default=30.0, gt=0)
     reconcile_grace_s: float = Field(default=120.0, ge=0)
+    reconcile_stage_grace_s: dict[str, float] = Field(default_factory=dict)
 
     # merge and deploy
     merge_gate_enabled: bool = True

@@ -370,6 +370,7 @@ class Pipeline:
         project: ProjectConfig,
         worktree: Path,
         result: GateResult,
+        actor: str | None = None,
     ) -> None:
         stage = Stage(task.stage)
         spec = SPECS[stage]
@@ -378,13 +379,15 @@ class Pipeline:
                 await self._transition(
                     job,
                     task,
-                    Change("brd_ready", stage, Status.AWAITING_APPROVAL, result.reason),
+                    Change(
+                        "brd_ready", stage, Status.AWAITING_APPROVAL, result.reason, actor=actor
+                    ),
                     alert=(AlertKind.BRD_READY, self.report_link(task, "brd_ready")),
                 )
             elif STAGE_TRANSITIONS[stage] is Stage.DONE:
-                await self._finish(job, task, worktree, result)
+                await self._finish(job, task, worktree, result, actor)
             else:
-                await self._advance(job, task, result.reason)
+                await self._advance(job, task, result.reason, actor)
             return
         if result.verdict is GateVerdict.NEEDS_INPUT:
             await self._transition(
@@ -408,10 +411,12 @@ class Pipeline:
         else:
             await self._agent_failed(job, task, f"gate {GATES[stage]}: {result.reason}")
 
-    async def _advance(self, job: Job | None, task: Task, detail: str | None) -> bool:
+    async def _advance(
+        self, job: Job | None, task: Task, detail: str | None, actor: str | None = None
+    ) -> bool:
         target = STAGE_TRANSITIONS[Stage(task.stage)]
         return await self._transition(
-            job, task, Change("advanced", target, Status.ACTIVE, detail, enqueue=True)
+            job, task, Change("advanced", target, Status.ACTIVE, detail, actor, enqueue=True)
         )
 
     async def _merge(self, project: ProjectConfig, task: Task, worktree: Path) -> MergeResult:
@@ -427,7 +432,12 @@ class Pipeline:
         )
 
     async def _finish(
-        self, job: Job | None, task: Task, worktree: Path, result: GateResult
+        self,
+        job: Job | None,
+        task: Task,
+        worktree: Path,
+        result: GateResult,
+        actor: str | None = None,
     ) -> None:
         project = self.settings.project(task.project)
         assert project is not None
@@ -447,6 +457,7 @@ class Pipeline:
                 Stage.DONE,
                 Status.DONE,
                 f"{result.reason}; merged into {project.main_branch} as {merge.sha}",
+                actor=actor,
                 finished=True,
                 merge_sha=merge.sha,
             ),
@@ -493,7 +504,7 @@ class Pipeline:
             )
         return await self._transition(job, task, change, alert=alert)
 
-    async def recheck(self, task_id: int) -> bool:
+    async def recheck(self, task_id: int, actor: str | None = None) -> bool:
         """Evaluate an idle task's exit gate now; advance exactly as the stage's run would on green.
 
         Red changes nothing at all. Webhooks (a CI status) and the reconciler call this.
@@ -515,7 +526,7 @@ class Pipeline:
         if not result.passed:
             return False
         before = await self.store.latest_event_id(task_id)
-        await self._apply_gate(None, task, project, worktree, result)
+        await self._apply_gate(None, task, project, worktree, result, actor)
         return await self.store.latest_event_id(task_id) != before
 
     async def merged_in_forge(self, task_id: int, merge_sha: str | None, actor: str) -> bool:

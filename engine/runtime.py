@@ -19,6 +19,7 @@ from engine.jobs import JobQueue, Worker
 from engine.notifier import FanoutNotifier, Notifier
 from engine.pipeline import Pipeline
 from engine.plane import PlaneClient
+from engine.reconciler import Reconciler
 from engine.stages import HUMAN_HOLD, Status
 from engine.store import Store, Task
 from engine.templating import prompt_environment, text_environment
@@ -67,6 +68,7 @@ class Engine:
             settings.max_concurrency,
         )
         self.pipeline.wake_worker = self.worker.wake
+        self.reconciler = Reconciler(settings, self.store, self.pipeline, self.intake, self.plane)
         if notifier is not None:
             self.use_notifier(notifier)
         self._worker_task: asyncio.Task[None] | None = None
@@ -80,15 +82,24 @@ class Engine:
         return self
 
     def start_worker(self) -> None:
-        """Start the background parts: the worker, the outbound sync, pending deliveries."""
+        """Start the background parts: the worker, the outbound sync, pending deliveries.
+
+        The reconciler is started separately (`start_reconciler`), by `conveyor run`.
+        """
         self._worker_task = asyncio.create_task(self._run(), name="worker")
         self.tracker.start()
+
+    async def start_reconciler(self) -> None:
+        """Expired leases are recovered before the first tick can look at their tasks."""
+        await self.queue.recover_expired()
+        self.reconciler.start()
 
     async def _run(self) -> None:
         await self.intake.process_pending()
         await self.worker.run()
 
     async def close(self) -> None:
+        self.reconciler.stop()
         if self._worker_task is not None:
             await self.worker.stop()
             self._worker_task.cancel()

@@ -260,8 +260,8 @@ class WebhookIntake:
         actor = self._actor(payload)
         verdicts = {
             "in_progress": self._in_progress,
-            "approved": self._approved,
-            "rejected": self._rejected,
+            "approved": self.on_approved,
+            "rejected": self.on_rejected,
         }
         act = verdicts.get(logical or "")
         if act is None:
@@ -325,14 +325,14 @@ class WebhookIntake:
             return data.get("description_stripped") or ""
         return None
 
-    async def _approved(self, project: ProjectConfig, data: dict, actor: str) -> str:
+    async def on_approved(self, project: ProjectConfig, data: dict, actor: str) -> str:
         task = await self.store.task_by_tracker_issue(project.key, data["id"])
         if task is None:
             return "no task"
         outcome = await self.pipeline.approve(task.id, actor)
         return "approved" if outcome.changed else f"no change: {outcome.reason}"
 
-    async def _rejected(self, project: ProjectConfig, data: dict, actor: str) -> str:
+    async def on_rejected(self, project: ProjectConfig, data: dict, actor: str) -> str:
         task = await self.store.task_by_tracker_issue(project.key, data["id"])
         if task is None:
             return "no task"
@@ -425,11 +425,14 @@ class WebhookIntake:
         task = await self._task_for_branch(project, ref.removeprefix("refs/heads/"))
         if task is None:
             return "no task"
+        # Only a push that continues from the head we know moves it: a late delivery of an
+        # older push (before our own newer one) must not wind the head back.
         async with self.store.tx() as conn:
-            await conn.execute(
-                "UPDATE tasks SET head_sha = ? WHERE id = ?", (payload["after"], task.id)
+            cursor = await conn.execute(
+                "UPDATE tasks SET head_sha = ? WHERE id = ? AND (head_sha = ? OR head_sha IS NULL)",
+                (payload["after"], task.id, payload.get("before")),
             )
-        return "head recorded"
+        return "head recorded" if cursor.rowcount else "stale push"
 
 
 def check_secrets(settings: Settings) -> list[str]:

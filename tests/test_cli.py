@@ -62,6 +62,7 @@ async def test_doctor_checks_each_project_remote(tmp_path: Path, remote: Path) -
         cwd=tmp_path,
         ORCH_PROJECTS=json.dumps(projects),
         ORCH_AGENT_COMMAND=f"{sys.executable} -m engine.sandbox.agent",
+        ORCH_LOCALE="en",
     )
     assert result.returncode == 1
     assert "ok   project GOOD remote" in result.stdout

@@ -238,6 +238,32 @@ async def test_unreachable_services_fail_without_printing_a_secret(tmp_path: Pat
         assert len(result.line(label)) > len(label) + 10  # a reason, not just the label
 
 
+async def test_a_service_that_never_answers_fails_within_seconds(
+    tmp_path: Path, services: Services
+) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # read nothing, answer nothing
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    silent = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    env = services.env(tmp_path, ORCH_PLANE_API_URL=silent, ORCH_TELEGRAM_API_BASE=silent)
+    started = asyncio.get_running_loop().time()
+    try:
+        result = await doctor(tmp_path, env)
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert asyncio.get_running_loop().time() - started < 20
+    assert result.code == 1
+    assert result.status("Telegram bot") == "FAIL"
+    assert "no answer within" in result.line("project ORCH Plane states")
+    assert result.status("project ORCH Gitea repository") == "ok"
+
+
 async def test_missing_board_columns_warn_but_pass(tmp_path: Path, services: Services) -> None:
     bare = services.plane.create_project("BARE", "Bare board", conveyor_states=False)
     project = {"key": "ORCH", "remote": str(services.remote), "plane_project_id": bare}

@@ -390,7 +390,7 @@ class Script:
         self.body = body
         self.seen: list[str] = []
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.Response:
         self.seen.append(request.method)
         if len(self.seen) > len(self.answers):
             return web.json_response(self.body)
@@ -412,7 +412,7 @@ class CountingTransport(httpx.AsyncHTTPTransport):
 async def test_a_get_succeeds_after_two_502s(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     script = Script(502, 502, body=pull_json("a" * 40))
-    runner, url = await serve(script)
+    runner, url = await serve(script.handle)
     try:
         async with GiteaClient(url, TOKEN, **FAST) as client:
             res = await client.get_pull_request(REPO, 1)
@@ -426,7 +426,7 @@ async def test_a_get_succeeds_after_two_502s(caplog: pytest.LogCaptureFixture) -
 
 async def test_a_503_with_retry_after_is_honoured() -> None:
     script = Script((503, {"Retry-After": "1"}), body=pull_json("a" * 40))
-    runner, url = await serve(script)
+    runner, url = await serve(script.handle)
     try:
         async with GiteaClient(url, TOKEN, **FAST) as client:
             res = await client.get_pull_request(REPO, 1)
@@ -437,7 +437,7 @@ async def test_a_503_with_retry_after_is_honoured() -> None:
 
 async def test_a_429_asking_for_more_than_the_limit_fails_at_once() -> None:
     script = Script((429, {"Retry-After": "3600"}), body=pull_json("a" * 40))
-    runner, url = await serve(script)
+    runner, url = await serve(script.handle)
     try:
         async with GiteaClient(url, TOKEN, max_retry_wait_s=5) as client:
             res = await client.get_pull_request(REPO, 1)
@@ -454,7 +454,7 @@ async def test_posts_are_not_repeated_after_a_5xx(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     script = Script(status, status)
-    runner, url = await serve(script)
+    runner, url = await serve(script.handle)
     try:
         async with GiteaClient(url, TOKEN, **FAST) as client:
             created = await client.ensure_pull_request(REPO, "feature/x", "main", "t", "")
@@ -500,7 +500,7 @@ class PullList:
         self.cap, self.total, self.ignore_page = cap, total, ignore_page
         self.pages: list[int] = []
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.Response:
         if request.method == "POST":
             return web.json_response({"message": "pull request already exists"}, status=409)
         page = int(request.query["page"])
@@ -512,7 +512,7 @@ class PullList:
 
 
 async def find(server: PullList, branch: str):
-    runner, url = await serve(server)
+    runner, url = await serve(server.handle)
     try:
         async with GiteaClient(url, TOKEN, **FAST) as client:
             return await client.ensure_pull_request(REPO, branch, "main", "t", "")

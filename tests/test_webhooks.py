@@ -148,6 +148,7 @@ async def open_board(tmp_path: Path, make_settings, notifier, ci_state: str | No
         gitea_token=GITEA_TOKEN,
         gitea_webhook_secret=GITEA_SECRET,
         gitea_public_url="https://git.example.com",
+        locale="en",
         **extra,
     )
     engine = Engine(settings, notifier)
@@ -435,3 +436,39 @@ async def test_a_plane_outage_leaves_the_pipeline_running_and_the_sync_catches_u
     await board.plane.start(port=port)
     await board.engine.tracker.task_changed(task.id)  # the retry, without waiting for backoff
     await board.board_state(issue["id"], "Done")
+
+
+async def test_a_late_push_webhook_never_winds_the_head_back(board: Board) -> None:
+    issue = board.issue()
+    board.move(issue["id"], "In Progress")
+    task = await board.task_of(issue["id"])
+    await board.until(task.id, Status.AWAITING_APPROVAL)
+    task = await board.engine.store.get_task(task.id)
+
+    def push(before: str, after: str) -> bytes:
+        return json.dumps(
+            {
+                "ref": f"refs/heads/{task.branch}",
+                "before": before,
+                "after": after,
+                "repository": {"full_name": "team/app"},
+            },
+            indent=2,
+        ).encode()
+
+    def headers(body: bytes) -> dict:
+        return {
+            "X-Gitea-Event": "push",
+            "X-Gitea-Event-Type": "push",
+            "X-Gitea-Delivery": str(uuid.uuid4()),
+            "X-Gitea-Signature": hmac.new(GITEA_SECRET.encode(), body, hashlib.sha256).hexdigest(),
+        }
+
+    stale = push("0" * 40, "1" * 40)  # an older push, delivered late
+    await board.post("gitea", stale, headers(stale))
+    await board.settle()
+    assert (await board.engine.store.get_task(task.id)).head_sha == task.head_sha
+    human = push(task.head_sha, "2" * 40)  # someone pushed on top of our head
+    await board.post("gitea", human, headers(human))
+    await board.settle()
+    assert (await board.engine.store.get_task(task.id)).head_sha == "2" * 40

@@ -42,7 +42,8 @@ async def on_card_action(
     if callback_data.action in ASK_FIRST:
         kind, template = ASK_FIRST[callback_data.action]
         prompt = await publisher.send(
-            texts.render(template, task=task), reply_markup=ForceReply(selective=True)
+            texts.render(template, task=task, user=query.from_user),
+            reply_markup=ForceReply(selective=True),
         )
         await remember(store, prompt.chat.id, prompt.message_id, query.from_user.id, kind, task.id)
         await query.answer()

@@ -101,6 +101,7 @@ async def on_new(
     prompt = await answer(
         texts.render("telegram/ask_description.html.j2", title=rest.strip()),
         reply_markup=ForceReply(selective=True),
+        reply_to_message_id=message.message_id,  # selective: the prompt opens for its author
     )
     await remember(
         store,
