@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     merge_gate_enabled: bool = True
     merge_gate_repos: Annotated[list[str], NoDecode] = Field(default_factory=list)
     merge_lease_ttl_s: float = Field(default=1800.0, gt=0)
+    merge_defer_s: float = Field(default=10.0, ge=0)
+    deploy_hook_timeout_s: float = Field(default=900.0, gt=0)
     deploy_staging_hook: str | None = None
     deploy_hook: str | None = None
     healthcheck_url: str | None = None

@@ -181,6 +181,14 @@ def _evaluate(gate: str, worktree: Path, work_item: str) -> GateResult:
     text, error = _read_report(artifacts_dir(worktree, work_item) / name)
     if text is None:
         return GateResult(GateVerdict.FAIL, error or f"{name} is unreadable")
+    return evaluate_report_text(gate, text, work_item)
+
+
+def evaluate_report_text(gate: str, text: str, work_item: str) -> GateResult:
+    """Judge a report's text read from elsewhere (e.g. the remote's main); never raises."""
+    name = REPORT_FILES.get(gate)
+    if name is None:
+        return GateResult(GateVerdict.FAIL, f"unknown gate {gate!r}")
     relpath = report_relpath(work_item, gate)
     if not text.strip():
         return GateResult(GateVerdict.FAIL, f"{name} is empty", report=relpath)

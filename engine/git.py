@@ -77,6 +77,16 @@ class MergeResult:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class RebaseResult:
+    ok: bool
+    rebased: bool = False  # False: the branch already contained main
+    head: str | None = None
+    main: str | None = None
+    conflict_files: tuple[str, ...] = ()
+    error: str | None = None
+
+
 def slugify(title: str, limit: int = 40) -> str:
     # Match ASCII before lowering: str.lower() maps some non-ASCII letters (the Kelvin sign)
     # to ASCII ones, and those must be dropped like every other non-ASCII character.
@@ -298,11 +308,22 @@ class GitWorkspace:
         return res
 
     async def merge_to_main(
-        self, worktree: Path, branch: str, main_branch: str, message: str
+        self,
+        worktree: Path,
+        branch: str,
+        main_branch: str,
+        message: str,
+        tested_head: str | None = None,
     ) -> MergeResult:
+        """Merge the branch into the remote's main; with `tested_head`, only that very commit."""
         try:
             if dirty := await changed_files(worktree):
                 return MergeResult(ok=False, error=f"uncommitted changes: {', '.join(dirty[:5])}")
+            head = await _rev(worktree, f"refs/heads/{branch}")
+            if tested_head is not None and head != tested_head:
+                return MergeResult(
+                    ok=False, error=f"{branch} moved after it was tested ({tested_head[:10]})"
+                )
             try:
                 return await self._merge_with_retries(worktree, branch, main_branch, message)
             finally:
@@ -361,6 +382,53 @@ class GitWorkspace:
         if await _rev(worktree, main_ref) != base:
             return None
         return MergeResult(ok=False, error=f"push to {main_branch} failed: {_tail(pushed.err)}")
+
+    async def rebase_onto_main(self, worktree: Path, branch: str, main_branch: str) -> RebaseResult:
+        """Bring the task branch onto the remote's current main, in the task's own worktree."""
+        fetched = await self._fetch_worktree(worktree)
+        if not fetched.ok:
+            return RebaseResult(ok=False, error=f"fetch failed: {_tail(fetched.err)}")
+        main = await _rev(worktree, f"refs/remotes/origin/{main_branch}")
+        if main is None:
+            return RebaseResult(ok=False, error=f"branch {main_branch} not found on the remote")
+        if await _is_ancestor(worktree, main, "HEAD"):
+            return RebaseResult(ok=True, head=await _rev(worktree, "HEAD"), main=main)
+        rebased = await run_git("rebase", "--no-autostash", main, cwd=worktree)
+        if rebased.ok:
+            return RebaseResult(ok=True, rebased=True, head=await _rev(worktree, "HEAD"), main=main)
+        res = await run_git("diff", "--name-only", "-z", "--diff-filter=U", cwd=worktree)
+        conflicts = tuple(sorted({name for name in res.out.split("\0") if name}))
+        await run_git("rebase", "--abort", cwd=worktree)
+        reason = f"conflict in {', '.join(conflicts)}" if conflicts else _tail(rebased.err)
+        return RebaseResult(
+            ok=False, conflict_files=conflicts, error=f"rebase onto {main_branch}: {reason}"
+        )
+
+    async def force_push_branch(
+        self, worktree: Path, branch: str, expected: str | None
+    ) -> GitResult:
+        """Push a rebased task branch, only over the head we last saw there (never main)."""
+        lease = f"--force-with-lease=refs/heads/{branch}:{expected or ''}"
+        return await run_git(
+            "push",
+            "--quiet",
+            lease,
+            "origin",
+            f"HEAD:refs/heads/{branch}",
+            cwd=worktree,
+            timeout_s=NETWORK_TIMEOUT_S,
+        )
+
+    async def changed_between(self, worktree: Path, older: str, newer: str) -> list[str] | None:
+        """Files that differ between two commits; None when either is unknown."""
+        diff = await run_git("diff", "--name-only", "-z", older, newer, cwd=worktree)
+        return [name for name in diff.out.split("\0") if name] if diff.ok else None
+
+    async def file_on_main(self, worktree: Path, main_branch: str, path: str) -> str | None:
+        """A file as it is on the remote's main (fetched first); None when absent."""
+        await self._fetch_worktree(worktree)
+        shown = await run_git("show", f"refs/remotes/origin/{main_branch}:{path}", cwd=worktree)
+        return shown.out if shown.ok else None
 
     async def _fetch_worktree(self, worktree: Path) -> GitResult:
         common = await run_git("rev-parse", "--git-common-dir", cwd=worktree)

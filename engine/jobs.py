@@ -65,7 +65,8 @@ async def finish(
 ) -> None:
     """Close a claimed job; raises LeaseLost when someone else holds it now."""
     cursor = await conn.execute(
-        "UPDATE jobs SET state = ?, last_error = ?, lease_until = NULL, updated_at = ?"
+        "UPDATE jobs SET state = ?, last_error = COALESCE(?, last_error), lease_until = NULL,"
+        " updated_at = ?"
         " WHERE id = ? AND state = 'running' AND owner = ?",
         (state, error, now(), job.id, job.owner),
     )

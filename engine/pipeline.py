@@ -21,17 +21,21 @@ import jinja2
 from engine import jobs
 from engine.agents import AgentInvocation, AgentOutcome, run_agent
 from engine.config import ProjectConfig, Settings
+from engine.deploy import run_staging
 from engine.forge import Forge
 from engine.gates import (
+    ARTIFACTS_ROOT,
     REPORT_FILES,
     GateResult,
     GateVerdict,
     artifacts_dir,
     ci_green_local,
     evaluate_file_gate,
+    evaluate_report_text,
     report_relpath,
 )
 from engine.git import GitError, GitWorkspace, MergeResult, branch_name
+from engine.merge_gate import MergeGate, release_held
 from engine.notifier import AlertKind, Notifier
 from engine.prompts import Feedback, render_prompt
 from engine.stages import (
@@ -87,7 +91,13 @@ class Change:
     feedback: Feedback | None = None
     finished: bool = False
     merge_sha: str | None = None
+    tested_sha: str | None = None
     enqueue: bool = False
+
+
+# The stages during which a task may hold its repository's merge lease.
+LEASE_STAGES = frozenset({Stage.DEPLOY_STAGING, Stage.DEPLOY})
+MAX_LEASE_DEFERRALS = 720
 
 
 class Pipeline:
@@ -105,6 +115,7 @@ class Pipeline:
         self.notifier = notifier
         self.prompts = prompts
         self.forge: Forge | None = None
+        self.merge_gate = MergeGate(settings, store, git)
         self.wake_worker = lambda: None
 
     def on_forge(self, project: ProjectConfig) -> bool:
@@ -248,6 +259,22 @@ class Pipeline:
             await self._agent_failed(job, task, f"git: {error}")
             return
         spec = SPECS[Stage(task.stage)]
+        if spec.stage is Stage.DEPLOY_STAGING:
+            await self._deploy_staging(job, task, project, worktree)
+            return
+        if spec.stage is Stage.DEPLOY and not await self._still_validated(project, task):
+            await self._transition(
+                job,
+                task,
+                Change(
+                    "revalidate",
+                    Stage.DEPLOY_STAGING,
+                    Status.ACTIVE,
+                    "the merge lease or the tested head was lost; validating against main again",
+                    enqueue=True,
+                ),
+            )
+            return
         if spec.role is not None:
             outcome = await self._run_agent(job, task, project, worktree)
             if not outcome.ok:
@@ -256,6 +283,56 @@ class Pipeline:
             task = await self._commit_and_push(task, worktree, spec.role)
         result = await self.evaluate_gate(task, project, worktree)
         await self._apply_gate(job, task, project, worktree, result)
+
+    async def _deploy_staging(
+        self, job: Job, task: Task, project: ProjectConfig, worktree: Path
+    ) -> None:
+        """The merge gate (lease, rebase, re-test), then the staging hook and health check."""
+        tested = task.head_sha or await self.git.head_sha(worktree)
+        details = []
+        if self.merge_gate.applies(project):
+            lease = await self.merge_gate.acquire(project, task)
+            if not lease.acquired:
+                await self._defer(job, task, lease.holder)
+                return
+            validated = await self.merge_gate.validate(project, task, worktree)
+            if not validated.passed:
+                await self._rollback(job, task, validated)
+                return
+            tested = validated.report or tested
+            details.append(validated.reason)
+        staging = await run_staging(self.settings, worktree, tested)
+        if not staging.passed:
+            await self._rollback(job, task, staging)
+            return
+        details.append(staging.reason)
+        await self._transition(
+            job,
+            task,
+            Change(
+                "advanced",
+                STAGE_TRANSITIONS[Stage.DEPLOY_STAGING],
+                Status.ACTIVE,
+                "; ".join(details),
+                tested_sha=tested,
+                enqueue=True,
+            ),
+        )
+
+    async def _still_validated(self, project: ProjectConfig, task: Task) -> bool:
+        """Deploy may merge only what the merge gate tested while it still holds the lease
+        (a failed deployer's retry, or a lease reclaimed as stale, sends it back)."""
+        return not self.merge_gate.applies(project) or await self.merge_gate.holds(project, task)
+
+    async def _defer(self, job: Job, task: Task, holder: int) -> None:
+        """The lease is busy: come back later without holding a worker slot."""
+        reason = f"waiting for the merge lease (held by task {holder})"
+        if job.claims >= MAX_LEASE_DEFERRALS:
+            await self._fail_task(job, task, f"{reason} for too long")
+            return
+        async with self.store.tx() as conn:
+            await jobs.requeue(conn, job, self.settings.merge_defer_s, reason, count_failure=False)
+        log.info("%s: %s", task.work_item, reason)
 
     async def _run_agent(
         self, job: Job, task: Task, project: ProjectConfig, worktree: Path
@@ -360,8 +437,18 @@ class Pipeline:
                     return forge_result
             return await ci_green_local(worktree, project.check_command)
         if gate == "staging_ready":
-            return GateResult(GateVerdict.PASS, "no staging hook configured")
-        return evaluate_file_gate(gate, worktree, task.work_item)
+            return GateResult(GateVerdict.FAIL, "the merge gate and staging run in their job")
+        result = evaluate_file_gate(gate, worktree, task.work_item)
+        if gate == "deploy_succeeded" and result.report is None:
+            # deployers may land the log on main through a change of their own
+            relpath = report_relpath(task.work_item, gate)
+            text = await self.git.file_on_main(worktree, project.main_branch, relpath)
+            if text is not None:
+                result = evaluate_report_text(gate, text, task.work_item)
+                result = replace(
+                    result, reason=f"{result.reason} (on origin/{project.main_branch})"
+                )
+        return result
 
     async def _apply_gate(
         self,
@@ -420,15 +507,26 @@ class Pipeline:
         )
 
     async def _merge(self, project: ProjectConfig, task: Task, worktree: Path) -> MergeResult:
-        """Merge the tested head into main: through the forge's PR, or locally."""
+        """Merge the tested head into main: through the forge's PR, or locally.
+
+        Only the commit the merge gate tested may be merged; the deployer's own report
+        commits on top of it are the one change allowed since.
+        """
+        head = task.head_sha or await self.git.head_sha(worktree)
+        if task.tested_sha and head != task.tested_sha:
+            changed = await self.git.changed_between(worktree, task.tested_sha, head)
+            own = f"{ARTIFACTS_ROOT}/{task.work_item}/"
+            if changed is None or any(not name.startswith(own) for name in changed):
+                return MergeResult(False, error=f"the branch changed after the test: {changed}")
         if self.on_forge(project):
-            merged = await self.forge.merge(project, task)
+            merged = await self.forge.merge(project, replace(task, head_sha=head))
             return MergeResult(merged.ok, merged.sha, (), merged.error)
         return await self.git.merge_to_main(
             worktree,
             task.branch,
             project.main_branch,
             f"Merge {task.branch}: {task.work_item} {task.title}",
+            tested_head=head,
         )
 
     async def _finish(
@@ -533,7 +631,10 @@ class Pipeline:
         """The task's PR was merged in the forge. At the deploy stage the deployer's verdict
         decides instead; anywhere else the task is done."""
         task = await self.store.get_task(task_id)
-        if task is None or task.stage in (Stage.DEPLOY, Stage.DONE):
+        if task is None or task.stage == Stage.DONE:
+            return False
+        if task.stage == Stage.DEPLOY:
+            await self.merge_gate.release(task, "the pull request was merged", actor)
             return False
         if task.status in (Status.DONE, Status.CANCELLED):
             return False
@@ -683,6 +784,7 @@ class Pipeline:
         """Apply a change if the task is still as `task` shows it; one event row per change."""
         to_state = f"{change.stage}/{change.status}"
         feedback = change.feedback
+        keeps_lease = change.stage in LEASE_STAGES and change.status == Status.ACTIVE
         async with self.store.tx() as conn:
             if job is not None:
                 await jobs.finish(conn, job, job_state, None)
@@ -695,8 +797,9 @@ class Pipeline:
                 " feedback_text = COALESCE(?, feedback_text),"
                 " feedback_report = CASE WHEN ? THEN ? ELSE feedback_report END,"
                 " finished_at = CASE WHEN ? THEN ? ELSE finished_at END,"
-                " merge_sha = COALESCE(?, merge_sha), updated_at = ?"
-                " WHERE id = ? AND stage = ? AND status = ?",
+                " merge_sha = COALESCE(?, merge_sha),"
+                " tested_sha = CASE WHEN ? THEN COALESCE(?, tested_sha) ELSE NULL END,"
+                " updated_at = ? WHERE id = ? AND stage = ? AND status = ?",
                 (
                     change.stage,
                     change.status,
@@ -711,6 +814,8 @@ class Pipeline:
                     change.finished,
                     now(),
                     change.merge_sha,
+                    keeps_lease or change.stage is Stage.DONE,
+                    change.tested_sha,
                     now(),
                     task.id,
                     task.stage,
@@ -722,6 +827,8 @@ class Pipeline:
             await Store.add_event(
                 conn, task.id, change.kind, task.state, to_state, change.detail, change.actor
             )
+            if not keeps_lease:
+                await release_held(conn, task.id)
             if change.enqueue:
                 await jobs.enqueue(conn, task.id, change.stage)
         await self._after_change(task.id, alert)

@@ -166,6 +166,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_at REAL NOT NULL
         )""",
     ),
+    (
+        # one merge at a time per repository: the lease names its holder and when it was taken
+        """CREATE TABLE merge_leases (
+            repo TEXT PRIMARY KEY,
+            task_id INTEGER NOT NULL REFERENCES tasks (id),
+            acquired_at REAL NOT NULL,
+            fence INTEGER NOT NULL
+        )""",
+        "CREATE INDEX merge_leases_task ON merge_leases (task_id)",
+        # the head the merge gate re-tested: the only commit that may be merged
+        "ALTER TABLE tasks ADD COLUMN tested_sha TEXT",
+    ),
 )
 
 
@@ -199,6 +211,7 @@ class Task:
     finished_at: float | None
     pr_number: int | None
     pr_url: str | None
+    tested_sha: str | None
 
     @property
     def state(self) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024
 REJECTED_WITHOUT_COMMENT = "The BRD was rejected in the tracker without a comment."
 NOT_STARTED_COMMENT = "tracker/not_started.html.j2"
+
+
+INSERT_DELIVERIES = (
+    "INSERT INTO webhook_deliveries (source, delivery_id, content_key, event, received_at,"
+    " payload) VALUES "
+)
+MAX_COMMIT_BATCH = 500  # deliveries committed in one transaction at most
 
 
 class BadPayload(ValueError):
@@ -92,6 +99,33 @@ def gitea_envelope(headers: Mapping[str, str], payload: Any) -> Envelope:
 
 
 @dataclass(frozen=True)
+class _Waiting:
+    """A delivery waiting for the transaction that commits it."""
+
+    params: tuple[Any, ...]
+    future: asyncio.Future[int | None]
+
+
+def _inserted_ids(batch: list[_Waiting], inserted: Iterable[Any]) -> list[int | None]:
+    """The row id each delivery of a multi-row insert got, None for those that conflicted.
+
+    SQLite inserts the rows in order and gives each the next rowid, so the inserted rows
+    sorted by id are in batch order; two deliveries with the same keys share their fate,
+    except that the first of them is the one inserted.
+    """
+    rows = iter(sorted((int(r[0]), tuple(r[1:4])) for r in inserted))
+    row = next(rows, None)
+    ids: list[int | None] = []
+    for waiting in batch:
+        if row is not None and row[1] == waiting.params[:3]:
+            ids.append(row[0])
+            row = next(rows, None)
+        else:
+            ids.append(None)
+    return ids
+
+
+@dataclass(frozen=True)
 class Source:
     name: str
     signature_header: str
@@ -128,6 +162,8 @@ class WebhookIntake:
         self.env = env
         self._own_actors: set[str] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: list[_Waiting] = []
+        self._committer: asyncio.Task[None] | None = None
         self.handlers: dict[str, Callable[[dict], Awaitable[str]]] = {
             "issue.state": self._plane_state,
             "status": self._gitea_status,
@@ -185,16 +221,48 @@ class WebhookIntake:
     async def record(
         self, source: str, delivery_id: str | None, envelope: Envelope, body: bytes
     ) -> int | None:
-        """Commit the delivery; None when its id or its content was seen before."""
-        async with self.store.tx() as conn:
-            cursor = await conn.execute(
-                "INSERT INTO webhook_deliveries (source, delivery_id, content_key, event,"
-                " received_at, payload) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT DO NOTHING RETURNING id",
-                (source, delivery_id, envelope.content_key or None, envelope.event, now(), body),
-            )
-            row = await cursor.fetchone()
-        return None if row is None else int(row[0])
+        """Commit the delivery; None when its id or its content was seen before.
+
+        Deliveries that arrive while a commit is in flight wait for the next one, and all
+        of them are committed in one transaction (one fsync); each caller returns only
+        after the transaction holding its row has committed, so an answer still means
+        the row is durable. A failed commit fails every delivery it held.
+        """
+        params = (source, delivery_id, envelope.content_key or None, envelope.event, now(), body)
+        waiting = _Waiting(params, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiting)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_waiting(), name="deliveries")
+            self._tasks.add(self._committer)
+            self._committer.add_done_callback(self._tasks.discard)
+        # shielded: a caller that goes away must not cancel its neighbours' commit
+        return await asyncio.shield(waiting.future)
+
+    async def _commit_waiting(self) -> None:
+        while self._waiting:
+            batch = self._waiting[:MAX_COMMIT_BATCH]
+            del self._waiting[:MAX_COMMIT_BATCH]
+            try:
+                async with self.store.tx() as conn:
+                    inserted = await conn.execute_fetchall(
+                        INSERT_DELIVERIES
+                        + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(batch))
+                        + " ON CONFLICT DO NOTHING RETURNING id, source, delivery_id, content_key",
+                        [value for waiting in batch for value in waiting.params],
+                    )
+            except Exception as error:  # nothing of the batch was committed: none is answered 200
+                for waiting in batch:
+                    if not waiting.future.done():
+                        waiting.future.set_exception(error)
+                continue
+            except BaseException:  # cancelled (shutting down): the waiting requests end too
+                for waiting in batch + self._waiting:
+                    waiting.future.cancel()
+                self._waiting.clear()
+                raise
+            for waiting, row_id in zip(batch, _inserted_ids(batch, inserted), strict=True):
+                if not waiting.future.done():
+                    waiting.future.set_result(row_id)
 
     def _spawn(self, row_id: int) -> None:
         task = asyncio.create_task(self.process(row_id), name=f"delivery-{row_id}")

@@ -10,7 +10,12 @@ a Claude-Code-shaped result JSON last on stdout) and follows a script set per ro
                              temp dir named from the worktree's real path).
     SANDBOX_AGENT_DELAY_S    seconds to sleep before doing anything (default 0).
     SANDBOX_AGENT_DEV_FILE   the developer's source file, relative to the worktree
-                             (default src/<work item lowercased>.txt).
+                             (default src/<work item lowercased>.txt). A line "TODO <WORK-ITEM>"
+                             in it is replaced by the change; without one the change is
+                             appended. When the prompt lists conflicting files, the developer
+                             first merges origin/<main> and keeps both sides of each conflict.
+    SANDBOX_AGENT_DEPLOY_LOG_ON_MAIN  when set, the deployer lands its log on the remote's
+                             main through a commit of its own instead of the worktree.
 
 Stdlib only, and deterministic: the same script gives the same files and the same usage.
 """
@@ -21,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,13 +122,57 @@ def architect(run: Run, positive: bool) -> str:
 
 
 def developer(run: Run, positive: bool) -> str:
+    if "Conflicting files:" in run.prompt:
+        merge_main_keeping_both_sides(main_branch(run.prompt))
     path = Path(run.dev_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"attempt {run.run_number}: {run.work_item} change by the sandbox developer"]
     lines += [f"fixed: {line}" for line in must_fix_lines(run.prompt)]
-    with path.open("a", encoding="utf-8") as source:
-        source.write("".join(f"{line}\n" for line in lines))
+    change = "".join(f"{line}\n" for line in lines)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    marker = f"TODO {run.work_item}\n"
+    if marker in text:
+        path.write_text(text.replace(marker, change, 1), encoding="utf-8")
+    else:
+        with path.open("a", encoding="utf-8") as source:
+            source.write(change)
     return run.dev_file
+
+
+def main_branch(prompt: str) -> str:
+    found = re.search(r"main branch is `([^`]+)`", prompt)
+    return found.group(1) if found else "main"
+
+
+def git(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    identity = ("-c", "user.name=Sandbox Agent", "-c", "user.email=agent@localhost")
+    return subprocess.run(
+        ["git", *identity, *args], cwd=cwd, capture_output=True, text=True, check=False
+    )
+
+
+CONFLICT_MARKERS = ("<<<<<<< ", "=======", ">>>>>>> ")
+
+
+def merge_main_keeping_both_sides(main: str) -> None:
+    """Merge the remote's main into the branch; resolve each conflict by keeping both sides.
+
+    The merge is left uncommitted: Conveyor commits what the agent leaves behind.
+    """
+    git("fetch", "--quiet", "origin")
+    merged = git("merge", "--no-commit", "--no-ff", f"origin/{main}")
+    if merged.returncode == 0:
+        return
+    conflicted = git("diff", "--name-only", "--diff-filter=U").stdout.split()
+    for name in conflicted:
+        path = Path(name)
+        kept = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if not line.startswith(CONFLICT_MARKERS)
+        ]
+        path.write_text("".join(kept), encoding="utf-8")
+        git("add", name)
 
 
 def reviewer(run: Run, positive: bool) -> str:
@@ -161,9 +211,30 @@ def tester(run: Run, positive: bool) -> str:
 def deployer(run: Run, positive: bool) -> str:
     if positive:
         body = f"# Deploy {run.work_item}\n\nDeployed; health check answered 200.\n"
-        return run.write_report("14-deploy-log.md", {"status": "SUCCESS"}, body)
-    body = f"# Deploy {run.work_item}\n\nHealth check failed: HTTP 503 after 3 tries.\n"
-    return run.write_report("14-deploy-log.md", {"status": "FAILED"}, body)
+        status = "SUCCESS"
+    else:
+        body = f"# Deploy {run.work_item}\n\nHealth check failed: HTTP 503 after 3 tries.\n"
+        status = "FAILED"
+    if os.environ.get("SANDBOX_AGENT_DEPLOY_LOG_ON_MAIN"):
+        return land_on_main(run, "14-deploy-log.md", f"---\nstatus: {status}\n---\n\n{body}")
+    return run.write_report("14-deploy-log.md", {"status": status}, body)
+
+
+def land_on_main(run: Run, name: str, text: str) -> str:
+    """Commit a report straight onto the remote's main, as a deployer's own change would."""
+    remote = git("remote", "get-url", "origin").stdout.strip()
+    main = main_branch(run.prompt)
+    relative = run.artifacts_dir.resolve().relative_to(Path.cwd().resolve()) / name
+    with tempfile.TemporaryDirectory(prefix="sandbox-deployer-") as scratch:
+        clone = Path(scratch)
+        git("clone", "--quiet", "--branch", main, remote, str(clone))
+        target = clone / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+        git("add", str(relative), cwd=clone)
+        git("commit", "--quiet", "-m", f"{run.work_item} deploy log", cwd=clone)
+        git("push", "--quiet", "origin", f"HEAD:refs/heads/{main}", cwd=clone)
+    return f"{name} on {main}"
 
 
 # role -> writer(run, positive) returning what it wrote; architect and developer have no
