@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint format run clean locales
+.PHONY: demo test lint format run clean locales bench chaos
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=python3.x (3.11 or newer)"; exit 1; }
@@ -32,6 +32,14 @@ lint: $(DEV_STAMP)
 format: $(DEV_STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Performance figures against their baselines; prints a table, writes bench/results.json.
+bench: $(DEV_STAMP)
+	$(BIN)/python -m bench
+
+# The fault suite: one line per fault class; writes bench/chaos-results.json.
+chaos: $(DEV_STAMP)
+	$(BIN)/python -m chaos
 
 run: $(STAMP)
 	$(BIN)/conveyor run

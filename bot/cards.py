@@ -13,7 +13,7 @@ from bot.keyboards import card_keyboard
 from bot.texts import Texts
 from engine.config import Settings
 from engine.gates import report_relpath
-from engine.links import forge_file_url, tracker_issue_url
+from engine.links import forge_file_url, pull_request_url, tracker_issue_url
 from engine.reconciler import ACTOR as RECONCILER_ACTOR
 from engine.stages import STAGES, Stage, Status, stage_index
 from engine.store import Event, Store, Task, now
@@ -111,7 +111,7 @@ class CardRenderer:
                 self.settings, task, report_relpath(task.work_item, "brd_ready")
             ),
             "issue_url": tracker_issue_url(self.settings, task),
-            "pr_url": None,
+            "pr_url": pull_request_url(self.settings, task),
             "clock": clock,
         }
 

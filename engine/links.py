@@ -35,6 +35,15 @@ def forge_file_url(settings: Settings, task: Task, relpath: str) -> str | None:
     return f"{base}/{project.repo}/src/branch/{quote(task.branch)}/{quote(relpath)}"
 
 
+def pull_request_url(settings: Settings, task: Task) -> str | None:
+    """The task's pull request in the forge's web view (the forge's own URL may be internal)."""
+    project = settings.project(task.project)
+    base = public_base(settings.gitea_public_url)
+    if base is None or project is None or not project.repo or task.pr_number is None:
+        return None
+    return f"{base}/{project.repo}/pulls/{task.pr_number}"
+
+
 def tracker_issue_url(settings: Settings, task: Task) -> str | None:
     project = settings.project(task.project)
     base = public_base(settings.plane_web_url)

@@ -654,7 +654,9 @@ class Pipeline:
 
     # --- failures ----------------------------------------------------------------------------
 
-    async def _agent_failed(self, job: Job, task: Task, error: str) -> None:
+    async def _agent_failed(
+        self, job: Job, task: Task, error: str, alert: AlertKind = AlertKind.AGENT_FAILED
+    ) -> None:
         """Retry the stage with backoff, or fail the task once the attempts are spent."""
         failures = job.failures + 1
         if failures < self.settings.agent_max_attempts:
@@ -671,14 +673,16 @@ class Pipeline:
                 )
             await self._after_change(task.id)
             return
-        await self._fail_task(job, task, error)
+        await self._fail_task(job, task, error, alert)
 
-    async def _fail_task(self, job: Job, task: Task, error: str) -> None:
+    async def _fail_task(
+        self, job: Job, task: Task, error: str, alert: AlertKind = AlertKind.AGENT_FAILED
+    ) -> None:
         await self._transition(
             job,
             task,
             Change("failed", Stage(task.stage), Status.FAILED, error, reason=error),
-            alert=(AlertKind.AGENT_FAILED, error),
+            alert=(alert, error),
             job_state="failed",
         )
 
@@ -689,7 +693,7 @@ class Pipeline:
             async with self.store.tx() as conn:
                 await jobs.finish(conn, job, "failed", repr(error))
             return
-        await self._agent_failed(job, task, f"internal error: {error!r}")
+        await self._agent_failed(job, task, f"internal error: {error!r}", AlertKind.TASK_ERROR)
 
     # --- people ------------------------------------------------------------------------------
 

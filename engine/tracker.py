@@ -21,7 +21,7 @@ import jinja2
 from engine.config import ProjectConfig, Settings
 from engine.forge import Forge
 from engine.gates import REPORT_FILES, report_relpath
-from engine.links import forge_file_url
+from engine.links import forge_file_url, pull_request_url
 from engine.notifier import AlertKind
 from engine.plane import PlaneClient
 from engine.stages import GATES, SPECS, Stage, Status
@@ -244,7 +244,7 @@ class TrackerSync:
             row["output"] += run.output_tokens or 0
             row["cost"] += run.cost_usd or 0.0
         return self.env.get_template("tracker/summary.html.j2").render(
-            task=task, roles=by_role, figures=figures
+            task=task, roles=by_role, figures=figures, pr_url=pull_request_url(self.settings, task)
         )
 
     async def _comment(
