@@ -109,7 +109,10 @@ class CardPublisher:
         self._due: dict[int, float] = {}  # task id -> when its card may be published
         self._alerts: deque[PendingAlert] = deque()
         self._wake = asyncio.Event()
+        self._pace = asyncio.Lock()  # one message-producing call at a time, in pace order
         self._last_call = 0.0
+        self._resume_at = 0.0  # no call before this: Telegram's retry_after
+        self.retry_s = TRANSIENT_RETRY_S  # when a card or alert that failed transiently retries
         self._busy = False
         self._task: asyncio.Task[None] | None = None
         self.retry_after_waits = 0
@@ -186,22 +189,22 @@ class CardPublisher:
         try:
             await self.publish(task_id)
         except TelegramRetryAfter as error:
-            await self._back_off(error)
+            self._back_off(error)
             self._due[task_id] = time.monotonic()
         except TelegramAPIError as error:
             log.warning("card of task %s not delivered: %s", task_id, error.message)
-            self._due.setdefault(task_id, time.monotonic() + TRANSIENT_RETRY_S)
+            self._due.setdefault(task_id, time.monotonic() + self.retry_s)
 
     async def _deliver_alert(self, alert: PendingAlert) -> None:
         try:
             await self.send_alert(alert)
         except TelegramRetryAfter as error:
-            await self._back_off(error)
+            self._back_off(error)
             self._alerts.appendleft(alert)
         except (TelegramNetworkError, TelegramServerError) as error:
             # Telegram is unreachable: nothing else gets through either; wait, then try again
             log.warning("alert %s for task %s waits: %s", alert.kind, alert.task_id, error.message)
-            await asyncio.sleep(TRANSIENT_RETRY_S)
+            await asyncio.sleep(self.retry_s)
             self._alerts.appendleft(alert)
         except TelegramAPIError as error:
             alert.tries += 1
@@ -209,27 +212,32 @@ class CardPublisher:
             if alert.tries < MAX_ALERT_TRIES:
                 self._alerts.append(alert)
 
-    async def _back_off(self, error: TelegramRetryAfter) -> None:
+    def _back_off(self, error: TelegramRetryAfter) -> None:
+        """Hold every paced call of the chat until Telegram's `retry_after` has passed."""
         self.retry_after_waits += 1
         log.info("Telegram asks to wait %ss", error.retry_after)
-        await asyncio.sleep(error.retry_after)
-        self._last_call = time.monotonic()
+        self._resume_at = max(self._resume_at, time.monotonic() + error.retry_after)
 
     async def _paced(self, method: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Make one message-producing API call no sooner than the chat's pace allows."""
-        wait = self._last_call + self.pace_s - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        try:
-            result = await call()
-        except TelegramRetryAfter:
-            count_call(method, "retry_after")
-            raise
-        except TelegramAPIError as error:
-            count_call(method, classify_edit_error(error).value)
-            raise
-        finally:
-            self._last_call = time.monotonic()
+        """Make one message-producing API call no sooner than the chat's pace allows.
+
+        The sender loop and the replies to people share the chat's pace: the lock makes them
+        take turns, so two calls are never closer than `pace_s`.
+        """
+        async with self._pace:
+            wait = max(self._last_call + self.pace_s, self._resume_at) - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                result = await call()
+            except TelegramRetryAfter:
+                count_call(method, "retry_after")
+                raise
+            except TelegramAPIError as error:
+                count_call(method, classify_edit_error(error).value)
+                raise
+            finally:
+                self._last_call = time.monotonic()
         count_call(method, "ok")
         return result
 
@@ -258,7 +266,7 @@ class CardPublisher:
             if outcome is EditOutcome.GONE:
                 await self._send_card(task_id, rendered, as_of)
             elif outcome is EditOutcome.FAILED:
-                self._due.setdefault(task_id, time.monotonic() + TRANSIENT_RETRY_S)
+                self._due.setdefault(task_id, time.monotonic() + self.retry_s)
             else:
                 await self._save_card(task_id, card["message_id"], rendered.digest, as_of)
 
@@ -323,7 +331,7 @@ class CardPublisher:
             try:
                 return await self._paced("sendMessage", call)
             except TelegramRetryAfter as error:
-                await self._back_off(error)
+                self._back_off(error)
         return await self._paced("sendMessage", call)
 
     # --- alerts --------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+
+from markupsafe import Markup
 
 from bot.cards import CARD_TEXT_BUDGET, TELEGRAM_TEXT_LIMIT, CardRenderer, clock
 from bot.texts import Texts
@@ -11,6 +14,26 @@ from engine.stages import FINISHED, STAGES
 from engine.store import Store, Task, now
 
 TASK_EVENTS_SHOWN = 30
+CUT_MARK = "\n…"
+# the markup of a line cut in its middle: every tag (its partner may be past the cut), and
+# an entity cut in half
+PARTIAL_MARKUP = re.compile(r"<[^>]*>?|&[#\w]*$")
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` in at most `limit` characters, ending with "…" when it was longer.
+
+    The templates open and close every tag on one line, so cutting at a line break never
+    leaves a tag open (Telegram would refuse the whole message). A single line longer than
+    the limit loses its markup instead.
+    """
+    if len(text) <= limit:
+        return text
+    budget = limit - len(CUT_MARK)
+    end = text.rfind("\n", 0, budget + 1)
+    if end > 0:
+        return text[:end] + CUT_MARK
+    return PARTIAL_MARKUP.sub("", text[:budget]) + CUT_MARK
 
 
 def fit(render: Callable[[int], str], total: int, limit: int = TELEGRAM_TEXT_LIMIT) -> str:
@@ -20,7 +43,7 @@ def fit(render: Callable[[int], str], total: int, limit: int = TELEGRAM_TEXT_LIM
     while len(text) > limit and shown > 0:
         shown = max(0, shown - max(1, shown // 4))
         text = render(shown)
-    return text[:limit]
+    return cut(text, limit)
 
 
 async def queue_text(store: Store, texts: Texts) -> str:
@@ -60,7 +83,7 @@ async def task_text(
     def render(shown: int) -> str:
         return texts.render(
             "telegram/task.html.j2",
-            card=card.text[:CARD_TEXT_BUDGET],
+            card=Markup(cut(card.text, CARD_TEXT_BUDGET)),  # the card's own HTML, already escaped
             events=events[-shown:] if shown else [],
             more_events=len(events) - shown,
             runs=runs[-15:],

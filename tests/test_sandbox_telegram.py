@@ -19,6 +19,7 @@ from aiogram.exceptions import (
     TelegramBadRequest,
     TelegramConflictError,
     TelegramRetryAfter,
+    TelegramServerError,
     TelegramUnauthorizedError,
 )
 from aiogram.filters import CommandStart
@@ -502,6 +503,57 @@ async def test_http_control_endpoints(sandbox: TelegramSandbox, bot: Bot) -> Non
         query_id,
         "c:reject:3",
     )
+
+
+async def test_fail_next_answers_an_error_for_a_while_and_changes_nothing(
+    sandbox: TelegramSandbox, bot: Bot
+) -> None:
+    sent = await bot.send_message(CHAT, "card")
+    sandbox.fail_next("editMessageText", times=2)
+    for _ in range(2):
+        with pytest.raises(TelegramServerError, match="Internal Server Error"):
+            await bot.edit_message_text("card, later", chat_id=CHAT, message_id=sent.message_id)
+        assert sandbox.messages(CHAT)[0].text == "card"
+    await bot.edit_message_text("card, later", chat_id=CHAT, message_id=sent.message_id)
+    assert sandbox.messages(CHAT)[0].text == "card, later"
+    assert sandbox.count("editMessageText", 500) == 2
+    failed = next(c for c in sandbox.calls if c.status == 500)
+    assert failed.response == {
+        "ok": False,
+        "error_code": 500,
+        "description": "Internal Server Error",
+    }
+
+    sandbox.fail_next("deletemessage", 400, "Bad Request: message can't be deleted")
+    with pytest.raises(TelegramBadRequest, match="message can't be deleted"):
+        await bot.delete_message(CHAT, sent.message_id)
+    assert [m.message_id for m in sandbox.messages(CHAT)] == [sent.message_id]
+
+    sandbox.fail_next("sendMessage", times=5)
+    sandbox.fail_next("sendMessage", times=0)  # cleared
+    await bot.send_message(CHAT, "through")
+
+
+async def test_fail_next_over_http(sandbox: TelegramSandbox, bot: Bot) -> None:
+    failure = {"method": "sendMessage", "status": 502, "description": "Bad Gateway"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{sandbox.base_url}/sandbox/fail", json=failure) as r:
+            assert r.status == 200
+        async with http.post(f"{sandbox.base_url}/sandbox/fail", json={"times": 1}) as r:
+            assert r.status == 400
+    with pytest.raises(TelegramServerError, match="Bad Gateway"):
+        await bot.send_message(CHAT, "lost")
+    assert sandbox.messages(CHAT) == []
+
+
+async def test_updates_are_confirmed_by_the_next_offset(sandbox: TelegramSandbox, bot: Bot) -> None:
+    assert sandbox.updates_confirmed()
+    sandbox.send_user_message(CHAT, OPERATOR, "/queue")
+    assert not sandbox.updates_confirmed()
+    [update] = await bot.get_updates(timeout=0)
+    assert not sandbox.updates_confirmed()  # fetched, not yet confirmed
+    await bot.get_updates(offset=update.update_id + 1, timeout=0)
+    assert sandbox.updates_confirmed()
 
 
 async def test_wait_for_times_out_with_a_clear_message(sandbox: TelegramSandbox) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from bot.cards import CardRenderer
 from bot.publisher import CardPublisher
 from bot.telegram import TelegramConsole
 from bot.texts import Texts
+from engine.config import Settings
 from engine.pipeline import Change
 from engine.runtime import Engine
 from engine.sandbox.telegram import SandboxMessage, TelegramSandbox
@@ -97,19 +99,28 @@ def console_settings(make_settings, sandbox: TelegramSandbox, **overrides):
     return make_settings(**values)
 
 
-@pytest.fixture
-async def ops(make_settings, sandbox: TelegramSandbox, agent_env) -> AsyncIterator[Ops]:
-    settings = console_settings(make_settings, sandbox)
+@contextlib.asynccontextmanager
+async def running_console(
+    settings: Settings, sandbox: TelegramSandbox, *, worker: bool = True
+) -> AsyncIterator[Ops]:
+    """The engine and the console on `settings`; without the worker no agent ever runs."""
     engine = Engine(settings)
     console = TelegramConsole(settings, engine)
     engine.use_notifier(console.notifier)
     async with engine:
         await console.start()
-        engine.start_worker()
+        if worker:
+            engine.start_worker()
         try:
             yield Ops(engine, console, sandbox)
         finally:
             await console.stop()
+
+
+@pytest.fixture
+async def ops(make_settings, sandbox: TelegramSandbox, agent_env) -> AsyncIterator[Ops]:
+    async with running_console(console_settings(make_settings, sandbox), sandbox) as running:
+        yield running
 
 
 async def test_one_card_per_task_through_a_whole_run(ops: Ops) -> None:

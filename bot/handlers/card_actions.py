@@ -6,7 +6,7 @@ from aiogram import Router
 from aiogram.types import CallbackQuery, ForceReply
 
 from bot.callbacks import Action, CardAction
-from bot.filters import actor_name, is_admin
+from bot.filters import actor_name, is_admin, only_ops_chat
 from bot.publisher import CardPublisher
 from bot.replies import ReplyKind, remember
 from bot.texts import Texts
@@ -59,6 +59,6 @@ async def on_card_action(
 
 
 def make_router() -> Router:
-    router = Router(name="card_actions")
+    router = only_ops_chat(Router(name="card_actions"))
     router.callback_query.register(on_card_action, CardAction.filter())
     return router

@@ -1,13 +1,13 @@
-"""/start, /help, /queue, /task, /mode, /new."""
+"""/start, /help, /queue, /task, /mode, /new; answers go through the publisher's pacing."""
 
 from __future__ import annotations
 
 from aiogram import Router
 from aiogram.filters import Command, CommandObject, CommandStart
-from aiogram.types import ForceReply, Message
+from aiogram.types import ForceReply, Message, ReplyParameters
 
 from bot.cards import CardRenderer
-from bot.filters import is_admin
+from bot.filters import is_admin, only_ops_chat
 from bot.publisher import MODES, CardPublisher
 from bot.replies import ReplyKind, remember
 from bot.texts import Texts
@@ -16,47 +16,29 @@ from engine.config import Settings
 from engine.store import Store
 
 
-def in_ops_chat_or_admin(message: Message, settings: Settings) -> bool:
-    """Read commands answer in the ops chat, or to an operator anywhere."""
-    return message.chat.id == settings.telegram_chat_id or is_admin(message.from_user, settings)
-
-
-def responder(message: Message, publisher: CardPublisher):
-    """Answers in the ops chat go through the card publisher's pacing; elsewhere directly."""
-    return publisher.send if message.chat.id == publisher.chat_id else message.answer
-
-
 async def on_help(message: Message, publisher: CardPublisher, texts: Texts) -> None:
-    answer = responder(message, publisher)
-    await answer(texts.render("telegram/help.html.j2", mode=await publisher.mode()))
+    await publisher.send(texts.render("telegram/help.html.j2", mode=await publisher.mode()))
 
 
-async def on_queue(
-    message: Message, settings: Settings, store: Store, publisher: CardPublisher, texts: Texts
-) -> None:
-    if not in_ops_chat_or_admin(message, settings):
-        return
-    await responder(message, publisher)(await queue_text(store, texts))
+async def on_queue(message: Message, store: Store, publisher: CardPublisher, texts: Texts) -> None:
+    await publisher.send(await queue_text(store, texts))
 
 
 async def on_task(
     message: Message,
     command: CommandObject,
-    settings: Settings,
     store: Store,
     renderer: CardRenderer,
     publisher: CardPublisher,
     texts: Texts,
 ) -> None:
-    if not in_ops_chat_or_admin(message, settings):
-        return
-    answer = responder(message, publisher)
     ref = (command.args or "").strip()
     task = await store.find_task(ref) if ref else None
     if task is None:
-        await answer(texts.gettext("No task %(ref)s. Usage: /task <id or work item>", ref=ref))
+        text = texts.gettext("No task %(ref)s. Usage: /task <id or work item>", ref=ref)
+        await publisher.send(text, parse_mode=None)
         return
-    await answer(await task_text(store, renderer, texts, task, await publisher.mode()))
+    await publisher.send(await task_text(store, renderer, texts, task, await publisher.mode()))
 
 
 async def on_mode(
@@ -66,17 +48,16 @@ async def on_mode(
     publisher: CardPublisher,
     texts: Texts,
 ) -> None:
-    answer = responder(message, publisher)
     wanted = (command.args or "").strip().lower()
     if wanted:
         if not is_admin(message.from_user, settings):
-            await answer(texts.gettext("Only operators can do this."))
+            await publisher.send(texts.gettext("Only operators can do this."))
             return
         if wanted not in MODES:
-            await answer(texts.gettext("Usage: /mode edit|bump"))
+            await publisher.send(texts.gettext("Usage: /mode edit|bump"))
             return
         await publisher.set_mode(wanted)
-    await answer(texts.gettext("Card mode: %(mode)s", mode=await publisher.mode()))
+    await publisher.send(texts.gettext("Card mode: %(mode)s", mode=await publisher.mode()))
 
 
 async def on_new(
@@ -87,21 +68,21 @@ async def on_new(
     publisher: CardPublisher,
     texts: Texts,
 ) -> None:
-    answer = responder(message, publisher)
     if not is_admin(message.from_user, settings):
-        await answer(texts.gettext("Only operators can do this."))
+        await publisher.send(texts.gettext("Only operators can do this."))
         return
     title = (command.args or "").strip()
     if not title or not settings.projects:
-        await answer(texts.gettext("Usage: /new [PROJECT] <title>"))
+        await publisher.send(texts.gettext("Usage: /new [PROJECT] <title>"), parse_mode=None)
         return
     project, _, rest = title.partition(" ")
     if settings.project(project) is None or not rest.strip():
         project, rest = settings.projects[0].key, title
-    prompt = await answer(
+    prompt = await publisher.send(
         texts.render("telegram/ask_description.html.j2", title=rest.strip()),
         reply_markup=ForceReply(selective=True),
-        reply_to_message_id=message.message_id,  # selective: the prompt opens for its author
+        # selective: the prompt opens for the author of the message it replies to
+        reply_parameters=ReplyParameters(message_id=message.message_id),
     )
     await remember(
         store,
@@ -114,7 +95,7 @@ async def on_new(
 
 
 def make_router() -> Router:
-    router = Router(name="commands")
+    router = only_ops_chat(Router(name="commands"))
     router.message.register(on_help, CommandStart())
     router.message.register(on_help, Command("help"))
     router.message.register(on_queue, Command("queue"))

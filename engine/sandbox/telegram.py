@@ -4,7 +4,9 @@ It answers `/bot{token}/{method}` the way api.telegram.org does for the methods 
 uses: the same request encodings (urlencoded, multipart, JSON), the same result objects and the
 same error shapes and descriptions, so aiogram raises its real exceptions. A person in a chat is
 simulated with `send_user_message` and `press` (or the `/sandbox/...` HTTP endpoints), which
-queue updates for `getUpdates`.
+queue updates for `getUpdates`. `fail_next` makes the next calls of one method fail the way
+Telegram does when it is in trouble (500 "Internal Server Error", 502 "Bad Gateway"), or with
+any other error a test needs, without touching the chat.
 
 Deliberate simplifications: HTML is the only parse mode that is parsed (Markdown text is shown
 as sent), webhooks are recorded but never called, and only calls that succeed count against a
@@ -82,7 +84,10 @@ STATUS_BY_PREFIX: dict[str, int] = {
     "Not Found": 404,
     "Conflict": 409,
     "Too Many Requests": 429,
+    "Internal Server Error": 500,
+    "Bad Gateway": 502,
 }
+INTERNAL_ERROR = "Internal Server Error"
 
 # How form fields are decoded: aiogram sends every value as a string, nested objects as JSON.
 INT_PARAMS = frozenset(
@@ -155,13 +160,15 @@ CHAT_FULL_INFO_EXTRAS: dict[str, Any] = {
 
 
 class ApiError(Exception):
-    """An error answer; the HTTP status follows from the description's prefix."""
+    """An error answer; the HTTP status follows from the description's prefix unless given."""
 
-    def __init__(self, description: str, retry_after: int | None = None) -> None:
+    def __init__(
+        self, description: str, retry_after: int | None = None, status: int | None = None
+    ) -> None:
         super().__init__(description)
         self.description = description
         self.retry_after = retry_after
-        self.status = STATUS_BY_PREFIX.get(description.split(":")[0], 400)
+        self.status = status or STATUS_BY_PREFIX.get(description.split(":")[0], 400)
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -506,6 +513,15 @@ class Call:
 
 
 @dataclass
+class InjectedFailure:
+    """An error answered instead of running a method, `times` more times."""
+
+    status: int
+    description: str
+    times: int
+
+
+@dataclass
 class SlidingWindow:
     limit: int
     period_s: float
@@ -612,9 +628,12 @@ class TelegramSandbox:
         self._chats: dict[int, _Chat] = {}
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
+        self._last_update_id = 0
+        self._confirmed_update_id = 0
         self._query_ids = itertools.count(1)
         self._open_queries: set[str] = set()
         self._answers: dict[str, dict[str, Any]] = {}
+        self._failures: dict[str, InjectedFailure] = {}
         self._wakeup = asyncio.Event()
         self._poll: _Poll | None = None
         self._closing = False
@@ -650,6 +669,7 @@ class TelegramSandbox:
         app.router.add_get("/sandbox/chats/{chat_id}", self._http_chat)
         app.router.add_post("/sandbox/chats/{chat_id}/messages", self._http_user_message)
         app.router.add_post("/sandbox/chats/{chat_id}/press", self._http_press)
+        app.router.add_post("/sandbox/fail", self._http_fail)
         app.router.add_get("/sandbox/calls", self._http_calls)
         app.router.add_get("/sandbox/callback_answers", self._http_callback_answers)
         self._closing = False
@@ -691,6 +711,10 @@ class TelegramSandbox:
 
     def callback_answers(self) -> dict[str, dict[str, Any]]:
         return dict(self._answers)
+
+    def updates_confirmed(self) -> bool:
+        """Whether the bot has confirmed every update queued so far (by a later offset)."""
+        return self._confirmed_update_id >= self._last_update_id
 
     # -- driving -----------------------------------------------------------------------------
 
@@ -757,6 +781,34 @@ class TelegramSandbox:
         self._queue_update("callback_query", query)
         return query_id
 
+    def fail_next(
+        self,
+        method: str,
+        status: int = 500,
+        description: str = INTERNAL_ERROR,
+        times: int = 1,
+    ) -> None:
+        """Answer the next `times` calls of `method` with this error; nothing else happens.
+
+        The call is logged with the error and leaves the chat as it was, like a request that
+        Telegram's front end refused. A later `fail_next` of the same method replaces this one;
+        `times=0` clears it.
+        """
+        canonical = self._methods.get(method.lower(), (method, None))[0]
+        if times <= 0:
+            self._failures.pop(canonical, None)
+            return
+        self._failures[canonical] = InjectedFailure(status, description, times)
+
+    def _injected_failure(self, method: str) -> None:
+        failure = self._failures.get(method)
+        if failure is None:
+            return
+        failure.times -= 1
+        if failure.times <= 0:
+            del self._failures[method]
+        raise ApiError(failure.description, status=failure.status)
+
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -787,6 +839,7 @@ class TelegramSandbox:
                 raise ApiError(UNAUTHORIZED)
             if handler is None:
                 raise ApiError(NOT_FOUND)
+            self._injected_failure(canonical)
             result = await self._run(canonical, handler, call.params)
         except ApiError as error:
             return self._failed(call, error)
@@ -856,6 +909,19 @@ class TelegramSandbox:
             return _control_error(str(error) if isinstance(error, ValueError) else repr(error))
         return web.json_response({"callback_query_id": query_id})
 
+    async def _http_fail(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        try:
+            self.fail_next(
+                str(body["method"]),
+                int(body.get("status", 500)),
+                str(body.get("description", INTERNAL_ERROR)),
+                int(body.get("times", 1)),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            return _control_error(f"bad fail request: {error!r}")
+        return web.json_response({"ok": True})
+
     async def _http_calls(self, request: web.Request) -> web.Response:
         return web.json_response({"calls": [asdict(call) for call in self.calls]})
 
@@ -895,7 +961,8 @@ class TelegramSandbox:
         raise ApiError(f"Too Many Requests: retry after {seconds}", retry_after=seconds)
 
     def _queue_update(self, kind: str, payload: dict[str, Any]) -> None:
-        self._updates.append({"update_id": next(self._update_ids), kind: payload})
+        self._last_update_id = next(self._update_ids)
+        self._updates.append({"update_id": self._last_update_id, kind: payload})
         self._wake()
 
     def _wake(self) -> None:
@@ -951,6 +1018,7 @@ class TelegramSandbox:
         offset = params.get("offset")
         if isinstance(offset, int) and offset > 0:
             self._updates = [u for u in self._updates if u["update_id"] >= offset]
+            self._confirmed_update_id = max(self._confirmed_update_id, offset - 1)
         limit = params.get("limit")
         limit = min(max(limit, 1), MAX_UPDATES) if isinstance(limit, int) else MAX_UPDATES
         timeout = params.get("timeout")
