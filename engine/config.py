@@ -140,6 +140,11 @@ class Settings(BaseSettings):
     healthcheck_tries: int = Field(default=10, ge=1)
     healthcheck_interval_s: float = Field(default=6.0, ge=0)
 
+    # outbound sync to Plane and Gitea
+    plane_timeout_s: float = Field(default=15.0, gt=0)
+    tracker_retry_base_s: float = Field(default=5.0, gt=0)
+    tracker_retry_max_s: float = Field(default=600.0, gt=0)
+
     @field_validator("telegram_admin_ids", "merge_gate_repos", mode="before")
     @classmethod
     def _split_lists(cls, value: Any) -> Any:

@@ -26,13 +26,19 @@ def public_base(url: str | None) -> str | None:
     return url.rstrip("/")
 
 
-def forge_file_url(settings: Settings, task: Task, relpath: str) -> str | None:
-    """The file on the task branch in the forge's web view."""
+def forge_branch_url(settings: Settings, task: Task) -> str | None:
+    """The task branch in the forge's web view."""
     project = settings.project(task.project)
     base = public_base(settings.gitea_public_url)
     if base is None or project is None or not project.repo:
         return None
-    return f"{base}/{project.repo}/src/branch/{quote(task.branch)}/{quote(relpath)}"
+    return f"{base}/{project.repo}/src/branch/{quote(task.branch)}"
+
+
+def forge_file_url(settings: Settings, task: Task, relpath: str) -> str | None:
+    """The file on the task branch in the forge's web view."""
+    branch = forge_branch_url(settings, task)
+    return None if branch is None else f"{branch}/{quote(relpath)}"
 
 
 def pull_request_url(settings: Settings, task: Task) -> str | None:

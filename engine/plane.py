@@ -5,10 +5,13 @@ Every method returns a `Result` and logs what went wrong; none raises into the c
 the `X-Api-Key` header; cursor pagination followed while `next_page_results` is true; no state
 filter on the issue list; a state change is `PATCH {"state": <uuid>}`, and Plane sends no
 webhook when the value did not change, so repeating it is harmless; `?expand=state` nests the
-state; over the rate limit it answers 429 with Retry-After. Requests go through
+state; over the rate limit it answers 429 with Retry-After; state names can be renamed, so a
+state means a logical key by its configured name, else by its group (`logical_state`, used
+for webhooks in and moves out alike); a comment with an `external_id` already used is refused
+with 409, which makes posting it again harmless. Requests go through
 `engine.http_retry`: timeouts, bounded retries with backoff, Retry-After honoured, and a POST
-never repeated once it may have reached the server. Tokens never appear in logs or error
-strings.
+never repeated once it may have reached the server unless it carries an external id. Tokens
+never appear in logs or error strings.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from html.parser import HTMLParser
@@ -38,6 +41,9 @@ API_PREFIX = "/api/v1"
 DEFAULT_PER_PAGE = 100
 MAX_PAGES = 10_000  # a guard against a server that never stops paging
 DETAIL_LIMIT = 200
+COMMENT_SOURCE = "conveyor"  # external_source of the comments Conveyor posts
+# A state no configured name claims still means In Progress or Done by its group.
+GROUP_FALLBACK = {"started": "in_progress", "completed": "done"}
 # Tags that start a new line of text (fullmatch against the lower-case tag name).
 BLOCK_TAG = re.compile(
     r"p|div|br|hr|li|ul|ol|dl|dt|dd|h[1-6]|pre|blockquote|table|thead|tbody|tfoot|tr|td|th"
@@ -75,6 +81,24 @@ class PlaneIssue:
 
 
 # --- module functions --------------------------------------------------------------------
+
+
+def logical_state(names: Mapping[str, str], name: str | None, group: str | None) -> str | None:
+    """The logical state (a key of ORCH_PLANE_STATE_NAMES) a board state means: by its
+    configured name, else by its group for In Progress and Done (states can be renamed)."""
+    by_name = {board.casefold(): key for key, board in names.items()}
+    key = by_name.get((name or "").casefold())
+    return key if key is not None else GROUP_FALLBACK.get(group or "")
+
+
+def state_meaning(
+    states: list[PlaneState], key: str, names: Mapping[str, str]
+) -> PlaneState | None:
+    """The board state that means `key`: the one with its configured name, else the first
+    (in board order) that means it by its group."""
+    meaning = [s for s in states if logical_state(names, s.name, s.group) == key]
+    named = [s for s in meaning if s.name.casefold() == names.get(key, "").casefold()]
+    return (named or meaning or [None])[0]
 
 
 def verify_signature(secret: str, body: bytes, signature: str | None) -> bool:
@@ -267,6 +291,20 @@ class PlaneClient:
             return self._fail(f"Plane project {project_id} has no state named {name!r}")
         return _ok(found.value.id)
 
+    async def state_for(
+        self, project_id: str, key: str, names: Mapping[str, str]
+    ) -> Result[PlaneState | None]:
+        """The state that means logical `key` on the board (`state_meaning`), None when the
+        board has none. A miss in the cache refreshes it once: states can be renamed."""
+        was_cached = self._cached_states(project_id) is not None
+        listed = await self.list_states(project_id)
+        if listed.ok and state_meaning(listed.value or [], key, names) is None and was_cached:
+            self._states.pop(project_id, None)
+            listed = await self.list_states(project_id)
+        if not listed.ok:
+            return listed
+        return _ok(state_meaning(listed.value or [], key, names))
+
     async def _find_state(self, project_id: str, name: str) -> Result[PlaneState | None]:
         listed = await self.list_states(project_id)
         if not listed.ok:
@@ -323,10 +361,14 @@ class PlaneClient:
         state = await self.state_id(project_id, state_name)
         if not state.ok:
             return state
+        return await self.move_issue(project_id, issue_id, state.value)
+
+    async def move_issue(self, project_id: str, issue_id: str, state_id: str) -> Result[None]:
+        """Move the issue to the state with this id; repeating it is harmless."""
         patched = await self._call(
             "PATCH",
             self._issue_path(project_id, issue_id),
-            body={"state": state.value},
+            body={"state": state_id},
             idempotent=True,  # the same state again changes nothing and sends no webhook
         )
         return _ok(None) if patched.ok else patched
@@ -334,17 +376,37 @@ class PlaneClient:
     # --- comments -------------------------------------------------------------------------
 
     async def add_comment(
-        self, project_id: str, issue_id: str, html: str, *, token: str | None = None
+        self,
+        project_id: str,
+        issue_id: str,
+        html: str,
+        *,
+        token: str | None = None,
+        external_id: str | None = None,
     ) -> Result[dict[str, Any]]:
-        """Comment on the issue; `token` posts as an agent's own bot account."""
+        """Comment on the issue; `token` posts as an agent's own bot account.
+
+        With `external_id` the comment is posted at most once: Plane answers 409 to a second
+        comment with the same external id and source, which counts as posted (status 409),
+        so the request may be repeated after a timeout.
+        """
         path = self._issue_path(project_id, issue_id) + "comments/"
         body = {"comment_html": html, "access": "INTERNAL"}
-        posted = await self._call("POST", path, body=body, token=token)
+        if external_id:
+            body |= {"external_id": external_id, "external_source": COMMENT_SOURCE}
+        posted = await self._call(
+            "POST",
+            path,
+            body=body,
+            token=token,
+            idempotent=True if external_id else None,
+            also_ok=frozenset({409}) if external_id else frozenset(),
+        )
         if not posted.ok:
             return posted
         if not isinstance(posted.value, dict):
             return self._fail(f"POST {path}: unexpected comment payload")
-        return _ok(posted.value)
+        return Result.success(posted.value, posted.status)
 
     async def user_id(self, *, token: str | None = None) -> Result[str]:
         """The id of the account a token (default: the main one) belongs to."""
@@ -415,8 +477,11 @@ class PlaneClient:
         body: dict[str, Any] | None = None,
         token: str | None = None,
         idempotent: bool | None = None,
+        also_ok: frozenset[int] = frozenset(),
     ) -> Result[Any]:
-        """One request, retried under the client's policy (engine.http_retry). Never raises."""
+        """One request, retried under the client's policy (engine.http_retry). Never raises.
+
+        An answer with a status in `also_ok` is a success carrying that status."""
         what = f"{method} {path}"
         headers = {"X-Api-Key": token} if token else None
         if token:
@@ -437,10 +502,14 @@ class PlaneClient:
             return self._fail(f"{what}: Plane did not answer within {self._timeout_s:g}s")
         if isinstance(response, Exception):
             return self._fail(f"{what}: Plane unreachable ({describe_error(response)})")
-        return self._answer(what, response)
+        return self._answer(what, response, also_ok)
 
-    def _answer(self, what: str, response: httpx.Response) -> Result[Any]:
+    def _answer(
+        self, what: str, response: httpx.Response, also_ok: frozenset[int] = frozenset()
+    ) -> Result[Any]:
         status = response.status_code
+        if status in also_ok:
+            return Result(ok=True, value=_json_or_none(response), status=status)
         if status == 429:
             wait = retry_after_s(response)
             after = f" (retry after {wait:g}s)" if wait is not None else ""
@@ -464,6 +533,13 @@ class PlaneClient:
             if secret:
                 text = text.replace(secret, "***")
         return text
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
 
 
 def _parse_state(raw: dict[str, Any]) -> PlaneState | None:

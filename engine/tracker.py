@@ -4,8 +4,10 @@ It is level-triggered and durable: a marker per task (`tracker_sync`) records ho
 far Plane and Gitea have been told (the newest event whose column was set, the
 newest agent run that was commented, whether the cost summary is posted). A pass
 brings a task from its marker to the store's present; a failing service leaves
-the marker where it was and the pass is retried with backoff, so an outage delays
-the board and never the pipeline.
+the marker where it was and the pass is retried with backoff
+(`ORCH_TRACKER_RETRY_BASE_S` doubling up to `ORCH_TRACKER_RETRY_MAX_S`), so an outage
+delays the board and never the pipeline. Comments carry an external id, so a comment
+whose answer was lost is not posted twice.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jinja2
 from engine.config import ProjectConfig, Settings
 from engine.forge import Forge
 from engine.gates import REPORT_FILES, report_relpath
-from engine.links import forge_file_url, pull_request_url
+from engine.links import forge_branch_url, forge_file_url, pull_request_url
 from engine.notifier import AlertKind
 from engine.plane import PlaneClient
 from engine.stages import GATES, SPECS, Stage, Status
@@ -29,9 +31,6 @@ from engine.store import AgentRun, Store, Task, now
 from engine.summary import task_figures
 
 log = logging.getLogger(__name__)
-
-RETRY_BASE_S = 5.0
-RETRY_MAX_S = 600.0
 
 # the board column (a logical state of ORCH_PLANE_STATE_NAMES) for a task
 STATUS_COLUMN: dict[str, str] = {
@@ -52,6 +51,10 @@ STAGE_COLUMN: dict[str, str] = {
     Stage.DEPLOY: "deploy",
     Stage.DONE: "done",
 }
+
+
+# roles whose finish comment links the change itself (the PR, or the branch before it)
+CHANGE_ROLES = frozenset({"developer"})
 
 
 def column_for(task: Task) -> str:
@@ -162,68 +165,83 @@ class TrackerSync:
         if task is None or project is None:
             return True
         marker = await self._marker(task_id)
-        ok = await self._sync_pr(project, task)
-        if ok and self._on_plane(project, task):
-            ok = await self._sync_plane(project, task, marker)
-        marker.failures = 0 if ok else marker.failures + 1
+        error = await self._sync_pr(project, task)
+        if error is None and self._on_plane(project, task):
+            error = await self._sync_plane(project, task, marker)
+        marker.failures = 0 if error is None else marker.failures + 1
         next_at = 0.0
-        if not ok:
-            delay = min(RETRY_BASE_S * 2 ** (marker.failures - 1), RETRY_MAX_S)
+        if error is not None:
+            delay = self._backoff_s(marker.failures)
             self._due[task_id] = time.monotonic() + delay
             next_at = now() + delay
-        await self._save(task_id, marker, next_at)
-        return ok
+            log.warning(
+                "sync of %s failed (%d in a row), next try in %.1fs: %s",
+                task.work_item,
+                marker.failures,
+                delay,
+                error,
+            )
+        await self._save(task_id, marker, next_at, error)
+        return error is None
+
+    def _backoff_s(self, failures: int) -> float:
+        base, cap = self.settings.tracker_retry_base_s, self.settings.tracker_retry_max_s
+        return min(base * 2 ** min(failures - 1, 32), cap)
 
     def _on_plane(self, project: ProjectConfig, task: Task) -> bool:
         return bool(self.plane and project.plane_project_id and task.tracker_issue_id)
 
-    async def _sync_pr(self, project: ProjectConfig, task: Task) -> bool:
-        """Open the task's PR once its branch is on the forge."""
+    async def _sync_pr(self, project: ProjectConfig, task: Task) -> str | None:
+        """Open the task's PR once its branch is on the forge; the error when that failed."""
         if self.forge is None or not self.forge.covers(project):
-            return True
+            return None
         if task.pr_number is not None or not task.head_sha:
-            return True
+            return None
         pr = await self.forge.ensure_pr(project, task)
         if not pr.ok:
-            return False
+            return pr.error or "the forge refused the pull request"
         async with self.store.tx() as conn:
             await conn.execute(
                 "UPDATE tasks SET pr_number = ?, pr_url = ? WHERE id = ?",
                 (pr.value.number, pr.value.html_url, task.id),
             )
-        return True
+        return None
 
-    async def _sync_plane(self, project: ProjectConfig, task: Task, marker: Marker) -> bool:
+    async def _sync_plane(self, project: ProjectConfig, task: Task, marker: Marker) -> str | None:
+        """Comments, the column, the summary; the first error stops the pass."""
         assert self.plane is not None and project.plane_project_id and task.tracker_issue_id
         for run in await self.store.agent_runs(task.id):
             if run.id <= marker.run_id or run.finished_at is None:
                 continue
-            if run.ok and not await self._comment_run(project, task, run):
-                return False
+            if run.ok and (error := await self._comment_run(project, task, run)):
+                return error
             marker.run_id = run.id
         latest = await self.store.latest_event_id(task.id)
         if latest > marker.event_id:
-            if not await self._move(project, task):
-                return False
+            if error := await self._move(project, task):
+                return error
             marker.event_id = latest
         if task.status == Status.DONE and not marker.summary_posted:
-            if not await self._comment(project, task, await self._summary(task), None):
-                return False
+            summary = await self._summary(task)
+            if error := await self._comment(project, task, summary, None, "summary"):
+                return error
             marker.summary_posted = True
-        return True
+        return None
 
-    async def _move(self, project: ProjectConfig, task: Task) -> bool:
-        """Move the issue to the task's column, when the board has that column."""
-        name = self.settings.plane_state_names[column_for(task)]
-        states = await self.plane.list_states(project.plane_project_id)
-        if not states.ok:
-            return False
-        if not any(state.name.casefold() == name.casefold() for state in states.value):
-            return True
-        moved = await self.plane.set_state(project.plane_project_id, task.tracker_issue_id, name)
-        return moved.ok
+    async def _move(self, project: ProjectConfig, task: Task) -> str | None:
+        """Move the issue to the state that means the task's column, when the board has one."""
+        names = self.settings.plane_state_names
+        state = await self.plane.state_for(project.plane_project_id, column_for(task), names)
+        if not state.ok:
+            return state.error
+        if state.value is None:
+            return None
+        moved = await self.plane.move_issue(
+            project.plane_project_id, task.tracker_issue_id, state.value.id
+        )
+        return moved.error if not moved.ok else None
 
-    async def _comment_run(self, project: ProjectConfig, task: Task, run: AgentRun) -> bool:
+    async def _comment_run(self, project: ProjectConfig, task: Task, run: AgentRun) -> str | None:
         gate = role_report(run.role)
         relpath = report_relpath(task.work_item, gate) if gate else None
         html = self.env.get_template("tracker/agent_comment.html.j2").render(
@@ -231,8 +249,17 @@ class TrackerSync:
             run=run,
             report=relpath.rsplit("/", 1)[-1] if relpath else None,
             report_url=forge_file_url(self.settings, task, relpath) if relpath else None,
+            **self._change_links(task, run.role),
         )
-        return await self._comment(project, task, html, run.role)
+        return await self._comment(project, task, html, run.role, f"run-{run.id}")
+
+    def _change_links(self, task: Task, role: str) -> dict[str, str | None]:
+        """The developer's change on the forge: its PR once open, else its branch."""
+        if role not in CHANGE_ROLES:
+            return {"pr_url": None, "branch_url": None}
+        pr_url = pull_request_url(self.settings, task)
+        branch_url = None if pr_url else forge_branch_url(self.settings, task)
+        return {"pr_url": pr_url, "branch_url": branch_url}
 
     async def _summary(self, task: Task) -> str:
         figures = await task_figures(self.store, task, now())
@@ -248,16 +275,18 @@ class TrackerSync:
         )
 
     async def _comment(
-        self, project: ProjectConfig, task: Task, html: str, role: str | None
-    ) -> bool:
+        self, project: ProjectConfig, task: Task, html: str, role: str | None, what: str
+    ) -> str | None:
+        """Post once as the role's bot (or the shared account); the error when it failed."""
         token = getattr(self.settings, f"plane_bot_{role}", None) if role else None
         posted = await self.plane.add_comment(
             project.plane_project_id,
             task.tracker_issue_id,
             html,
             token=token.get_secret_value() if token else None,
+            external_id=f"{task.work_item}:{task.id}:{what}",
         )
-        return posted.ok
+        return None if posted.ok else posted.error
 
     # --- the marker --------------------------------------------------------------------------
 
@@ -270,15 +299,15 @@ class TrackerSync:
             return Marker()
         return Marker(row["event_id"], row["run_id"], bool(row["summary_posted"]), row["failures"])
 
-    async def _save(self, task_id: int, marker: Marker, next_at: float) -> None:
+    async def _save(self, task_id: int, marker: Marker, next_at: float, error: str | None) -> None:
         async with self.store.tx() as conn:
             await conn.execute(
                 "INSERT INTO tracker_sync (task_id, event_id, run_id, summary_posted, failures,"
-                " next_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " next_at, last_error, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (task_id) DO UPDATE SET event_id = excluded.event_id,"
                 " run_id = excluded.run_id, summary_posted = excluded.summary_posted,"
                 " failures = excluded.failures, next_at = excluded.next_at,"
-                " updated_at = excluded.updated_at",
+                " last_error = excluded.last_error, updated_at = excluded.updated_at",
                 (
                     task_id,
                     marker.event_id,
@@ -286,6 +315,7 @@ class TrackerSync:
                     int(marker.summary_posted),
                     marker.failures,
                     next_at,
+                    error,
                     now(),
                 ),
             )

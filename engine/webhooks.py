@@ -6,7 +6,10 @@ Deduplication is by delivery id and by content key: Plane sends a new delivery
 id on every retry and one delivery per changed field, Gitea's manual replay
 sends a new id, so the same state change or the same status is recognised by
 what it says. Processing translates what the tracker or the forge says into the
-same engine calls the buttons and the reconciler make; comments never drive it.
+same engine calls the buttons and the reconciler make; comments never drive it. A body
+that is JSON but not the shape its event needs is refused with 400 before anything is
+recorded; a delivery that is recorded but not acted on (an unknown event or project, a
+sha no task owns) is logged once, with its source, event and reason.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from engine import gitea, plane
 from engine.config import ProjectConfig, Settings
 from engine.metrics import COUNTERS
 from engine.pipeline import Pipeline
-from engine.plane import PlaneClient, strip_html
+from engine.plane import PlaneClient, logical_state, strip_html
 from engine.stages import ROLES, Stage, Status
 from engine.store import Store, Task, now
 
@@ -41,6 +44,13 @@ INSERT_DELIVERIES = (
     " payload) VALUES "
 )
 MAX_COMMIT_BATCH = 500  # deliveries committed in one transaction at most
+# processing outcomes that changed something; any other is logged with its reason
+ACTED = frozenset(
+    {"started", "answers given", "approved", "rejected", "advanced", "done", "lease released"}
+    | {"head recorded"}
+)
+IGNORED = "ignored"
+AMBIGUOUS_SHA = "not resolved: the sha is no task's head and several tasks are in development"
 
 
 class BadPayload(ValueError):
@@ -61,41 +71,111 @@ def _get(payload: Any, *path: str) -> Any:
     return payload
 
 
+def _typed(payload: Any, *path: str, kind: type | tuple[type, ...] = str) -> Any:
+    """The value at `path`, which must be of `kind` (a bool is not a number here)."""
+    value = _get(payload, *path)
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
+        raise BadPayload(f"{'.'.join(path)} is not {_names(kind)}")
+    return value
+
+
+def _optional(payload: Any, *path: str, kind: type | tuple[type, ...] = str) -> Any:
+    """Like `_typed`, but a missing key or null is None."""
+    try:
+        if _get(payload, *path) is None:
+            return None
+    except BadPayload:
+        return None
+    return _typed(payload, *path, kind=kind)
+
+
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _names(kind: type | tuple[type, ...]) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", int: "a number", bool: "a boolean"}
+    return " or ".join(names.get(k, k.__name__) for k in _kinds(kind))
+
+
+def _object(payload: Any) -> dict:
+    if not isinstance(payload, dict):
+        raise BadPayload("the body is not a JSON object")
+    return payload
+
+
 # --- reading deliveries --------------------------------------------------------------------
+
+PLANE_ITEM_EVENTS = frozenset({"issue", "issue_comment"})
+PLANE_ACTIONS = frozenset({"created", "updated", "deleted"})
+STATE_FIELDS = frozenset({"state", "state_id"})
+GITEA_EVENTS = {
+    "status": "status",
+    "pull_request": "pull_request",
+    "pull_request_sync": "pull_request",
+    "push": "push",
+}
 
 
 def plane_envelope(headers: Mapping[str, str], payload: Any) -> Envelope:
-    event = headers.get("X-Plane-Event") or _get(payload, "event")
-    action = _get(payload, "action")
-    data = _get(payload, "data")
-    issue_id = _get(data, "id")
-    field = (payload.get("activity") or {}).get("field") if isinstance(payload, dict) else None
-    if event == "issue" and field in ("state", "state_id"):
-        new_state = _get(payload, "activity", "new_value")
-        _get(data, "project")
-        key = f"issue:{issue_id}:state:{new_state}:{data.get('updated_at')}"
-        return Envelope("issue.state", key)
-    return Envelope(
-        f"{event}.{action}", f"{event}:{action}:{issue_id}:{field}:{data.get('updated_at')}"
-    )
+    """What a Plane delivery is about; BadPayload when it lacks what its event needs."""
+    payload = _object(payload)
+    event = headers.get("X-Plane-Event") or _typed(payload, "event")
+    if event not in PLANE_ITEM_EVENTS:
+        return Envelope(f"{event}.{payload.get('action')}", "")
+    action = _typed(payload, "action")
+    data = _typed(payload, "data", kind=dict)
+    issue_id = _typed(data, "id")
+    activity = _optional(payload, "activity", kind=dict) or {}
+    field = _optional(activity, "field")
+    _optional(activity, "actor", kind=dict)
+    updated = _optional(data, "updated_at")
+    if event == "issue" and field in STATE_FIELDS:
+        new_state = _optional(activity, "new_value")
+        _plane_issue_fields(data)
+        return Envelope("issue.state", f"issue:{issue_id}:state:{new_state}:{updated}")
+    # an action Plane does not send must not be read as one Conveyor handles ("issue.state")
+    name = f"{event}.{action}" if action in PLANE_ACTIONS else f"{event}:{action}"
+    return Envelope(name, f"{event}:{action}:{issue_id}:{field}:{updated}")
+
+
+def _plane_issue_fields(data: dict) -> None:
+    """The issue fields a state change is read from: the project, and when present the state,
+    the name and the description."""
+    _typed(data, "project")
+    state = _optional(data, "state", kind=(dict, str))
+    if isinstance(state, dict):
+        _optional(state, "name")
+        _optional(state, "group")
+    for key in ("name", "description_html", "description_stripped"):
+        _optional(data, key)
+    _optional(data, "sequence_id", kind=int)
 
 
 def gitea_envelope(headers: Mapping[str, str], payload: Any) -> Envelope:
+    """What a Gitea delivery is about; BadPayload when it lacks what its event needs."""
+    payload = _object(payload)
     kind = gitea.event_type(headers)
-    repo = _get(payload, "repository", "full_name")
-    if kind == "status":
-        sha, context, state = (_get(payload, key) for key in ("sha", "context", "state"))
+    event = GITEA_EVENTS.get(kind)
+    if event is None:
+        return Envelope(kind or "unknown", "")
+    repo = _typed(payload, "repository", "full_name")
+    _optional(payload, "sender", kind=dict)
+    if event == "status":
+        sha, context, state = (_typed(payload, key) for key in ("sha", "context", "state"))
         return Envelope("status", f"status:{repo}:{sha}:{context}:{state}")
-    if kind in ("pull_request", "pull_request_sync"):
-        number = _get(payload, "number")
-        action = _get(payload, "action")
-        merged = bool(_get(payload, "pull_request").get("merged"))
-        head = _get(payload, "pull_request", "head", "sha")
+    if event == "pull_request":
+        number = _typed(payload, "number", kind=int)
+        action = _typed(payload, "action")
+        pull = _typed(payload, "pull_request", kind=dict)
+        merged = bool(_optional(pull, "merged", kind=bool))
+        _optional(pull, "merge_commit_sha")
+        head = _typed(pull, "head", "sha")
+        _typed(pull, "head", "ref")
         return Envelope("pull_request", f"pr:{repo}:{number}:{action}:{merged}:{head}")
-    if kind == "push":
-        ref, after = _get(payload, "ref"), _get(payload, "after")
-        return Envelope("push", f"push:{repo}:{ref}:{after}")
-    return Envelope(kind or "unknown", "")
+    ref, after = _typed(payload, "ref"), _typed(payload, "after")
+    _optional(payload, "before")
+    return Envelope("push", f"push:{repo}:{ref}:{after}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +205,21 @@ def _inserted_ids(batch: list[_Waiting], inserted: Iterable[Any]) -> list[int | 
     return ids
 
 
+def plane_subject(payload: Any) -> str:
+    """What a Plane delivery names, for log lines."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    data = data if isinstance(data, dict) else {}
+    return f"project {data.get('project', '?')}, item {data.get('id', '?')}"
+
+
+def gitea_subject(payload: Any) -> str:
+    """What a Gitea delivery names, for log lines."""
+    repo = payload.get("repository") if isinstance(payload, dict) else None
+    subject = f"repository {repo.get('full_name', '?') if isinstance(repo, dict) else '?'}"
+    sha = payload.get("sha") if isinstance(payload, dict) else None
+    return f"{subject}, sha {sha}" if isinstance(sha, str) else subject
+
+
 @dataclass(frozen=True)
 class Source:
     name: str
@@ -132,14 +227,25 @@ class Source:
     delivery_header: str
     verify: Callable[[str, bytes, str | None], bool]
     envelope: Callable[[Mapping[str, str], Any], Envelope]
+    subject: Callable[[Any], str]
 
 
 SOURCES = {
     "plane": Source(
-        "plane", "X-Plane-Signature", "X-Plane-Delivery", plane.verify_signature, plane_envelope
+        "plane",
+        "X-Plane-Signature",
+        "X-Plane-Delivery",
+        plane.verify_signature,
+        plane_envelope,
+        plane_subject,
     ),
     "gitea": Source(
-        "gitea", "X-Gitea-Signature", "X-Gitea-Delivery", gitea.verify_signature, gitea_envelope
+        "gitea",
+        "X-Gitea-Signature",
+        "X-Gitea-Delivery",
+        gitea.verify_signature,
+        gitea_envelope,
+        gitea_subject,
     ),
 }
 
@@ -284,14 +390,26 @@ class WebhookIntake:
 
     async def process(self, row_id: int) -> None:
         row = await self.store.fetchone(
-            "SELECT event, payload FROM webhook_deliveries WHERE id = ?", (row_id,)
+            "SELECT source, event, payload FROM webhook_deliveries WHERE id = ?", (row_id,)
         )
+        payload = json.loads(row["payload"])
         handler = self.handlers.get(row["event"])
         try:
-            outcome = await handler(json.loads(row["payload"])) if handler else "ignored"
+            outcome = await handler(payload) if handler else IGNORED
         except Exception:
-            log.exception("processing delivery %s failed", row_id)
+            log.exception("processing %s delivery %s failed", row["source"], row_id)
             outcome = "error"
+        if outcome not in ACTED:
+            source = SOURCES[row["source"]]
+            why = "Conveyor does not act on this event" if handler is None else outcome
+            log.info(
+                "%s webhook %s (delivery %s, %s) not acted on: %s",
+                source.name,
+                row["event"],
+                row_id,
+                source.subject(payload),
+                why,
+            )
         async with self.store.tx() as conn:
             await conn.execute(
                 "UPDATE webhook_deliveries SET processed_at = ?, outcome = ? WHERE id = ?",
@@ -306,18 +424,18 @@ class WebhookIntake:
         )
 
     def logical_state(self, state: dict) -> str | None:
-        """The logical state a board state means: by its configured name, else by its group."""
-        names = {name.casefold(): key for key, name in self.settings.plane_state_names.items()}
-        key = names.get(str(state.get("name", "")).casefold())
-        if key is not None:
-            return key
-        return {"started": "in_progress", "completed": "done"}.get(state.get("group"))
+        """The logical state a board state means (engine.plane.logical_state)."""
+        name, group = state.get("name"), state.get("group")
+        return logical_state(
+            self.settings.plane_state_names,
+            name if isinstance(name, str) else None,
+            group if isinstance(group, str) else None,
+        )
 
     async def _plane_state(self, payload: dict) -> str:
         data = payload["data"]
         project = self._plane_project(str(data.get("project")))
         if project is None:
-            log.info("Plane webhook for unknown project %s ignored", data.get("project"))
             return "unknown project"
         state = data.get("state")
         if not isinstance(state, dict):
@@ -437,8 +555,9 @@ class WebhookIntake:
     def _gitea_project(self, repo: str) -> ProjectConfig | None:
         return next((p for p in self.settings.projects if p.repo == repo), None)
 
-    async def _task_for_sha(self, project: ProjectConfig, sha: str) -> Task | None:
-        """The task whose recorded head is `sha`, else the only development task of the repo."""
+    async def _task_for_sha(self, project: ProjectConfig, sha: str) -> Task | str:
+        """The task whose recorded head is `sha`, else the only development task of the repo;
+        why there is none, when there is none."""
         row = await self.store.fetchone(
             "SELECT id FROM tasks WHERE project = ? AND head_sha = ?", (project.key, sha)
         )
@@ -450,17 +569,15 @@ class WebhookIntake:
         )
         if len(rows) == 1:
             return await self.store.get_task(rows[0]["id"])
-        if rows:
-            log.info("status for %s matches %d development tasks: not resolved", sha, len(rows))
-        return None
+        return AMBIGUOUS_SHA if rows else "no task for the sha"
 
     async def _gitea_status(self, payload: dict) -> str:
         project = self._gitea_project(payload["repository"]["full_name"])
         if project is None:
             return "unknown project"
         task = await self._task_for_sha(project, payload["sha"])
-        if task is None:
-            return "no task"
+        if isinstance(task, str):
+            return task
         return "advanced" if await self.pipeline.recheck(task.id) else "no change"
 
     async def _task_for_branch(self, project: ProjectConfig, branch: str) -> Task | None:
@@ -471,28 +588,33 @@ class WebhookIntake:
 
     async def _gitea_pull_request(self, payload: dict) -> str:
         pull = payload["pull_request"]
-        if payload.get("action") != "closed" or not pull.get("merged"):
-            return "ignored"
+        if payload["action"] != "closed" or not pull.get("merged"):
+            return f"{IGNORED}: {payload['action']}, not a merge"
         project = self._gitea_project(payload["repository"]["full_name"])
         if project is None:
             return "unknown project"
-        task = await self._task_for_branch(project, pull["head"].get("ref", ""))
+        task = await self._task_for_branch(project, pull["head"]["ref"])
         if task is None:
-            return "no task"
+            return "no task for the branch"
+        held = await self.store.fetchone("SELECT 1 FROM merge_leases WHERE task_id = ?", (task.id,))
         sender = (payload.get("sender") or {}).get("login", "?")
         done = await self.pipeline.merged_in_forge(
             task.id, pull.get("merge_commit_sha"), actor=f"gitea:{sender}"
         )
-        return "done" if done else "no change"
+        if done:
+            return "done"
+        return "lease released" if held and task.stage == Stage.DEPLOY else "no change"
 
     async def _gitea_push(self, payload: dict) -> str:
         project = self._gitea_project(payload["repository"]["full_name"])
-        ref = str(payload.get("ref", ""))
-        if project is None or not ref.startswith("refs/heads/"):
-            return "ignored"
+        if project is None:
+            return "unknown project"
+        ref = payload["ref"]
+        if not ref.startswith("refs/heads/"):
+            return f"{IGNORED}: not a branch"
         task = await self._task_for_branch(project, ref.removeprefix("refs/heads/"))
         if task is None:
-            return "no task"
+            return "no task for the branch"
         # Only a push that continues from the head we know moves it: a late delivery of an
         # older push (before our own newer one) must not wind the head back.
         async with self.store.tx() as conn:

@@ -13,7 +13,15 @@ import httpx
 import pytest
 from aiohttp import web
 
-from engine.plane import PlaneClient, PlaneIssue, parse_issue, strip_html, verify_signature
+from engine.config import DEFAULT_PLANE_STATE_NAMES
+from engine.plane import (
+    PlaneClient,
+    PlaneIssue,
+    logical_state,
+    parse_issue,
+    strip_html,
+    verify_signature,
+)
 from engine.sandbox.plane import PlaneSandbox
 from tests.test_sandbox_plane import WebhookReceiver
 
@@ -105,6 +113,52 @@ async def test_state_added_on_the_board_is_found_despite_the_cache(
     assert found.ok and found.value == added
 
 
+async def test_state_for_a_logical_key_by_name_then_by_group(
+    sandbox: PlaneSandbox, project: str, client: PlaneClient
+) -> None:
+    names = DEFAULT_PLANE_STATE_NAMES
+    review = await client.state_for(project, "in_review", names)
+    sandbox.rename_state(project, "In Progress", "Doing")
+    sandbox.rename_state(project, "Done", "Shipped")
+    async with PlaneClient(sandbox.base_url or "", MAIN, "acme") as fresh:  # a cold cache
+        doing = await fresh.state_for(project, "in_progress", names)
+        shipped = await fresh.state_for(project, "done", names)
+    renamed = await client.state_for(project, "in_review", names | {"in_review": "QA"})
+
+    assert review.ok and review.value and review.value.name == "In Review"
+    assert (
+        doing.ok and doing.value and (doing.value.name, doing.value.group) == ("Doing", "started")
+    )
+    assert shipped.ok and shipped.value and shipped.value.id == sandbox.state_id(project, "Shipped")
+    assert renamed.ok and renamed.value is None  # a configured name replaces the default
+
+
+async def test_state_for_reloads_the_cache_on_a_miss(
+    sandbox: PlaneSandbox, client: PlaneClient
+) -> None:
+    bare = sandbox.create_project("BARE", "Plane's default board", conveyor_states=False)
+    absent = await client.state_for(bare, "in_review", DEFAULT_PLANE_STATE_NAMES)
+    added = sandbox.add_state(bare, "In Review", "started")
+    found = await client.state_for(bare, "in_review", DEFAULT_PLANE_STATE_NAMES)
+
+    assert absent.ok and absent.value is None  # no group fallback for In Review
+    assert found.ok and found.value and found.value.id == added
+
+
+def test_logical_state_by_configured_name_else_group_for_in_progress_and_done() -> None:
+    names = DEFAULT_PLANE_STATE_NAMES | {"approved": "Good to go"}
+    assert logical_state(names, "in review", "started") == "in_review"
+    assert logical_state(names, "Good to go", "started") == "approved"
+    assert logical_state(names, "Approved", "started") == "in_progress"  # renamed away
+    assert logical_state(names, "Doing", "started") == "in_progress"
+    assert logical_state(names, "Shipped", "completed") == "done"
+    assert logical_state(names, "Blocked", "unstarted") == "blocked"
+    assert logical_state(names, "Waiting", "unstarted") is None
+    assert logical_state(names, "Cancelled", "cancelled") is None
+    assert logical_state(names, None, None) is None
+
+
+# --- issues --------------------------------------------------------------------------------
 # --- issues --------------------------------------------------------------------------------
 
 
@@ -200,6 +254,50 @@ async def test_add_comment_as_a_bot_or_the_main_user(
     assert as_main.ok and as_main.value is not None
     assert as_main.value["actor"] == sandbox.main_user_id
     assert [c["actor"] for c in sandbox.comments(issue["id"])] == [bot_id, sandbox.main_user_id]
+
+
+async def test_a_comment_with_an_external_id_is_posted_once(
+    sandbox: PlaneSandbox, project: str, client: PlaneClient
+) -> None:
+    issue = sandbox.create_issue(project, "Discuss")
+
+    first = await client.add_comment(project, issue["id"], "<p>a</p>", external_id="ORCH-1:run-1")
+    again = await client.add_comment(project, issue["id"], "<p>a</p>", external_id="ORCH-1:run-1")
+
+    assert (first.ok, first.status, again.ok, again.status) == (True, 201, True, 409)
+    (comment,) = sandbox.comments(issue["id"])
+    assert (comment["external_source"], comment["external_id"]) == ("conveyor", "ORCH-1:run-1")
+
+
+async def test_a_comment_with_an_external_id_is_retried_after_a_500(
+    sandbox: PlaneSandbox, project: str
+) -> None:
+    issue = sandbox.create_issue(project, "Discuss")
+    sandbox.api_fault(500, times=1)
+    assert sandbox.base_url is not None
+    async with PlaneClient(sandbox.base_url, MAIN, "acme", **FAST) as client:
+        posted = await client.add_comment(project, issue["id"], "<p>x</p>", external_id="e-1")
+
+    assert posted.ok and posted.status == 201
+    assert [call.status for call in sandbox.api_log] == [500, 201]
+    assert len(sandbox.comments(issue["id"])) == 1
+
+
+async def test_a_comment_lost_in_a_hang_is_not_posted_twice(
+    sandbox: PlaneSandbox, project: str
+) -> None:
+    issue = sandbox.create_issue(project, "Discuss")
+    sandbox.api_fault("hang")
+    assert sandbox.base_url is not None
+    async with PlaneClient(sandbox.base_url, MAIN, "acme", timeout_s=0.2, **FAST) as client:
+        lost = await client.add_comment(project, issue["id"], "<p>x</p>", external_id="e-2")
+        sandbox.api_fault(None)  # Plane catches up: the requests it held are served
+        again = await client.add_comment(project, issue["id"], "<p>x</p>", external_id="e-2")
+
+    assert not lost.ok and "did not answer within 0.2s" in (lost.error or "")
+    assert sandbox.hung == 3  # every attempt of the client hung
+    assert again.ok
+    assert len(sandbox.comments(issue["id"])) == 1
 
 
 async def test_latest_comment_text_is_the_newest_as_plain_text(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -681,7 +682,13 @@ async def test_branches_contents_and_raw(
         ({}, {}, 401, "token is required"),
         ({"Authorization": "token wrong"}, {}, 401, "user does not exist"),
         ({"Authorization": f"token {TOKEN}"}, {}, 200, None),
-        ({"Authorization": f"Bearer {TOKEN}"}, {}, 200, None),
+        ({"Authorization": f"Bearer {TOKEN}"}, {}, 401, "user does not exist"),
+        (
+            {"Authorization": "Basic " + base64.b64encode(f"x:{TOKEN}".encode()).decode()},
+            {},
+            200,
+            None,
+        ),
         ({}, {"token": TOKEN}, 200, None),
         ({}, {"access_token": TOKEN}, 200, None),
     ],

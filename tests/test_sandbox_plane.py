@@ -257,6 +257,38 @@ async def test_comment_author_is_the_bot_whose_key_posted_it(
     assert all(c["is_member"] for c in listed["results"])
 
 
+async def test_a_comment_with_a_used_external_id_is_refused_with_409(
+    sandbox: PlaneSandbox, project: str, api: httpx.AsyncClient
+) -> None:
+    issue = sandbox.create_issue(project, "Discuss")
+    other = sandbox.create_issue(project, "Elsewhere")
+    external = {"external_id": "run-7", "external_source": "conveyor"}
+    body = {"comment_html": "<p>once</p>", **external}
+
+    first = await api.post(items(project, issue["id"]) + "comments/", json=body)
+    again = await api.post(items(project, issue["id"]) + "comments/", json=body)
+    on_another_issue = await api.post(items(project, other["id"]) + "comments/", json=body)
+    other_source = await api.post(
+        items(project, issue["id"]) + "comments/", json=body | {"external_source": "github"}
+    )
+    without = [
+        await api.post(items(project, issue["id"]) + "comments/", json={"comment_html": "<p/>"})
+        for _ in range(2)
+    ]
+
+    assert first.status_code == 201
+    assert {key: first.json()[key] for key in external} == external
+    for refused in (again, on_another_issue):
+        assert refused.status_code == 409
+        assert refused.json() == {
+            "error": "Issue Comment with the same external id and external source already exists",
+            "id": first.json()["id"],
+        }
+    assert other_source.status_code == 201
+    assert [answer.status_code for answer in without] == [201, 201]
+    assert len(sandbox.comments(issue["id"])) == 4 and sandbox.comments(other["id"]) == []
+
+
 async def test_delete_sends_no_webhook(
     sandbox: PlaneSandbox, project: str, receiver: WebhookReceiver, api: httpx.AsyncClient
 ) -> None:
@@ -478,6 +510,94 @@ async def test_rate_limit_is_per_key_with_retry_after() -> None:
 # --- control endpoints and the standalone server -----------------------------------------
 
 
+async def test_api_fault_500_answers_like_plane_until_cleared(
+    sandbox: PlaneSandbox, project: str, api: httpx.AsyncClient
+) -> None:
+    sandbox.api_fault(500)
+    failed = [await api.get(f"projects/{project}/states/") for _ in range(3)]
+    sandbox.api_fault(None)
+    served = await api.get(f"projects/{project}/states/")
+
+    assert [answer.status_code for answer in failed] == [500] * 3
+    assert failed[0].json() == {"error": "Something went wrong please try again later"}
+    assert served.status_code == 200
+    assert [call.status for call in sandbox.api_log] == [500, 500, 500, 200]
+
+
+async def test_api_fault_429_carries_retry_after_for_the_given_number_of_requests(
+    sandbox: PlaneSandbox, project: str, api: httpx.AsyncClient
+) -> None:
+    issue = sandbox.create_issue(project, "Throttled")
+    sandbox.api_fault(429, times=2, retry_after_s=7)
+    path = items(project, issue["id"]) + "comments/"
+    answers = [await api.post(path, json={"comment_html": "<p>x</p>"}) for _ in range(3)]
+
+    assert [answer.status_code for answer in answers] == [429, 429, 201]
+    assert answers[0].headers["Retry-After"] == "7"
+    assert answers[0].json() == {
+        "detail": "Request was throttled. Expected available in 7 seconds."
+    }
+    assert len(sandbox.comments(issue["id"])) == 1  # a refused request did nothing
+
+
+async def test_api_fault_with_another_status_answers_as_a_proxy(
+    sandbox: PlaneSandbox, project: str, api: httpx.AsyncClient
+) -> None:
+    sandbox.api_fault(502, times=1)
+    answer = await api.get(f"projects/{project}/states/")
+    assert (answer.status_code, answer.text) == (502, "502 Bad Gateway")
+    assert (await api.get(f"projects/{project}/states/")).status_code == 200
+    with pytest.raises(ValueError):
+        sandbox.api_fault(200)
+
+
+async def test_api_fault_hang_holds_requests_until_cleared_then_serves_them(
+    sandbox: PlaneSandbox, project: str, api: httpx.AsyncClient
+) -> None:
+    issue = sandbox.create_issue(project, "Slow")
+    path = items(project, issue["id"]) + "comments/"
+    sandbox.api_fault("hang")
+
+    with pytest.raises(httpx.ReadTimeout):
+        await api.post(path, json={"comment_html": "<p>late</p>"}, timeout=0.3)
+    held = asyncio.create_task(api.get(f"projects/{project}/states/", timeout=30))
+    await until(lambda: sandbox.hung == 2)
+    assert not held.done() and sandbox.comments(issue["id"]) == []
+    sandbox.api_fault(None)
+
+    assert (await held).status_code == 200
+    await until(lambda: sandbox.comments(issue["id"]))  # the one the client gave up on, too
+    assert sandbox.comments(issue["id"])[0]["comment_html"] == "<p>late</p>"
+
+
+async def until(predicate) -> None:
+    async def loop() -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(loop(), 30)
+
+
+async def test_a_renamed_state_keeps_its_issues_and_its_group(
+    sandbox: PlaneSandbox, project: str, api: httpx.AsyncClient
+) -> None:
+    issue = sandbox.create_issue(project, "Shipping", state_name="Done")
+    state_id = sandbox.rename_state(project, "Done", "Shipped")
+
+    listed = (await api.get(f"projects/{project}/states/")).json()["results"]
+
+    shipped = next(state for state in listed if state["id"] == state_id)
+    assert (shipped["name"], shipped["group"], shipped["slug"]) == (
+        "Shipped",
+        "completed",
+        "shipped",
+    )
+    assert "Done" not in {state["name"] for state in listed}
+    assert sandbox.state_name(issue["id"]) == "Shipped"
+    with pytest.raises(ValueError):
+        sandbox.rename_state(project, "Shipped", "Backlog")
+
+
 async def test_control_endpoints_drive_the_board(
     sandbox: PlaneSandbox, project: str, receiver: WebhookReceiver
 ) -> None:
@@ -500,6 +620,22 @@ async def test_control_endpoints_drive_the_board(
     assert unknown.status_code == 404
     assert [d["field"] for d in deliveries] == [None, "state_id", None]
     assert receiver.fields() == [None, "state_id", None]
+
+
+async def test_api_faults_are_staged_through_the_control_endpoint(
+    sandbox: PlaneSandbox, project: str, api: httpx.AsyncClient
+) -> None:
+    async with httpx.AsyncClient(base_url=f"{sandbox.base_url}/sandbox") as control:
+        staged = await control.post("/faults", json={"api": {"fault": 503, "times": 1}})
+        failed = await api.get(f"projects/{project}/states/")
+        await control.post("/faults", json={"api": {"fault": 500}})
+        await control.post("/faults", json={"api": None})
+        served = await api.get(f"projects/{project}/states/")
+        wrong = await control.post("/faults", json={"api": {"fault": "slow"}})
+
+    assert staged.status_code == 200 and failed.status_code == 503
+    assert served.status_code == 200
+    assert wrong.status_code == 400
 
 
 async def test_standalone_server_prints_its_address_and_serves() -> None:

@@ -9,8 +9,9 @@ commit written with `git merge-tree`/`commit-tree`, or a rebase in a temporary w
 Behaviour follows the shared Gitea reference (plane-gitea.md §4-5), awkward parts included:
 pretty-printed webhook bodies signed over the raw bytes, no automatic webhook retry, a
 replay with a new delivery id, `"status"` in a CommitStatus but `"state"` in the combined
-status and in the status webhook, status webhooks without branch information, and the empty
-combined status of older Gitea when a commit has no statuses.
+status and in the status webhook, status webhooks without branch information, the empty
+combined status of older Gitea when a commit has no statuses, and access tokens taken as
+`Authorization: token <t>`, basic auth or a query parameter, but not as `Bearer` (OAuth2).
 
 Run it standalone with `python -m engine.sandbox.gitea --port N --root DIR`; it prints its
 base URL. Out-of-process drivers use the control endpoints under `/sandbox/`.
@@ -1304,16 +1305,23 @@ def _error_json(request: web.Request, error: ApiError) -> web.Response:
     return web.json_response(body, status=error.status)
 
 
-def _token_of(request: web.Request) -> str | None:
+def _credential(request: web.Request) -> tuple[str, str] | None:
+    """(kind, token) of a request: an access token from `Authorization: token <t>`, basic
+    auth (the token as password, or as user), `?token=` or `?access_token=`; an "oauth2"
+    token from `Authorization: Bearer <t>` (Gitea takes plain access tokens with `token`)."""
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
-    if scheme.lower() in ("token", "bearer") and value:
-        return value.strip()
-    if scheme.lower() == "basic" and value:
+    scheme, value = scheme.lower(), value.strip()
+    if scheme == "token" and value:
+        return ("access", value)
+    if scheme == "bearer" and value:
+        return ("oauth2", value)
+    if scheme == "basic" and value:
         with contextlib.suppress(ValueError):
             user, _, password = base64.b64decode(value).decode().partition(":")
-            return password or user
-    return request.query.get("token") or request.query.get("access_token")
+            return ("access", password or user)
+    query = request.query.get("token") or request.query.get("access_token")
+    return ("access", query) if query else None
 
 
 def _paginate(request: web.Request, items: list[Any]) -> tuple[list[Any], dict[str, str]]:
@@ -1375,9 +1383,12 @@ class _Http:
     @web.middleware
     async def auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path.startswith(f"{API_PREFIX}/repos/"):
-            token = _token_of(request)
-            if not token:
+            credential = _credential(request)
+            if credential is None:
                 raise ApiError(401, "token is required")
+            kind, token = credential
+            if kind == "oauth2":  # the sandbox issues no OAuth2 tokens
+                raise ApiError(401, "user does not exist")
             if not hmac.compare_digest(token.encode(), self.gitea.token.encode()):
                 raise ApiError(401, "user does not exist")
         return await handler(request)

@@ -11,7 +11,15 @@ awkward parts a client has to cope with:
   deactivated; deleting an issue or a comment sends nothing;
 - cursor pagination ("per_page:page:is_prev", per_page default and max 1000, 400 on a bad
   cursor) and no state filter on the issue list, which is ordered newest first;
-- X-Api-Key auth, one token per user, and a per-key rate limit answering 429 + Retry-After.
+- X-Api-Key auth, one token per user, and a per-key rate limit answering 429 + Retry-After;
+- a comment created with an `external_id` and `external_source` already used in the project
+  is refused with 409, as issues are.
+
+An outage can be staged with `api_fault(...)` (or POST /sandbox/faults with
+{"api": {"fault": 500 | 429 | "hang" | ..., "times": n}}, {"api": null} to clear): the API
+answers 500 with Plane's body, 429 with Retry-After like its throttle, another status as a
+proxy in front of it would, or "hang"s (holds each request unanswered until the fault is
+cleared; then the request is served, as a slow server finally would).
 
 Two deliberate differences: it delivers to loopback addresses (as if WEBHOOK_ALLOWED_HOSTS
 allowed them), and it sends deliveries one at a time in order, retries included, so that a
@@ -42,6 +50,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Any, Literal
 
 import aiohttp
@@ -98,6 +107,10 @@ WEB_FIELD_NAMES = {
 ISSUE_ORDERABLE = ("created_at", "updated_at", "sequence_id", "name", "sort_order", "priority")
 
 NOT_FOUND = {"error": "The requested resource does not exist."}
+# BaseAPIView.handle_exception's answer to an unexpected error
+SERVER_ERROR = {"error": "Something went wrong please try again later"}
+HANG = "hang"
+DUPLICATE_COMMENT = "Issue Comment with the same external id and external source already exists"
 NO_CREDENTIALS = {"detail": "Authentication credentials were not provided."}
 BAD_TOKEN = {"detail": "Given API token is not valid"}
 PAYLOAD_INVALID = {"error": "The payload is not valid"}
@@ -147,6 +160,28 @@ class ApiCall:
     query: str
     status: int
     user_id: str | None
+
+
+@dataclass
+class ApiFault:
+    """A staged outage of the API: a status or "hang", `remaining` times (None: until cleared)."""
+
+    fault: int | str
+    remaining: int | None
+    retry_after_s: int
+
+    def response(self) -> web.Response:
+        if self.fault == 500:
+            return web.json_response(SERVER_ERROR, status=500)
+        if self.fault == 429:
+            wait = self.retry_after_s
+            unit = "second" if wait == 1 else "seconds"
+            detail = f"Request was throttled. Expected available in {wait} {unit}."
+            return web.json_response(
+                {"detail": detail}, status=429, headers={"Retry-After": str(wait)}
+            )
+        status = int(self.fault)
+        return web.Response(status=status, text=f"{status} {HTTPStatus(status).phrase}")
 
 
 @dataclass(frozen=True)
@@ -564,6 +599,9 @@ class PlaneSandbox:
         self._comments: dict[str, dict[str, Any]] = {}
         self._order: dict[str, int] = {}  # creation order, to break created_at ties
         self._runner: web.AppRunner | None = None
+        self._fault: ApiFault | None = None
+        self._unhang = asyncio.Event()
+        self.hung = 0  # requests held by a "hang" fault so far
         self.main_user_id = self._add_user(api_token, "admin", "Ada", "Admin")
         if webhook_url:
             self.set_webhook(webhook_url, webhook_secret)
@@ -581,6 +619,7 @@ class PlaneSandbox:
 
     async def stop(self) -> None:
         """Stop serving; deliveries still queued are discarded (call drain() first to send)."""
+        self.api_fault(None)
         await self.sender.stop()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -694,6 +733,14 @@ class PlaneSandbox:
     def states(self, project_id: str) -> list[dict[str, Any]]:
         return copy.deepcopy(self._project_states(project_id))
 
+    def rename_state(self, project_id: str, name: str, new_name: str) -> str:
+        """Rename a state, as a person can on the board (issues keep it); returns its id."""
+        state = self._states[self.state_id(project_id, name)]
+        if any(other["name"] == new_name for other in self._project_states(project_id)):
+            raise ValueError(f"state {new_name!r} exists in the project")
+        state.update(name=new_name, slug=_slugify(new_name), updated_at=_now())
+        return state["id"]
+
     def state_id(self, project_id: str, name: str) -> str:
         for state in self._project_states(project_id):
             if state["name"] == name:
@@ -784,6 +831,24 @@ class PlaneSandbox:
 
     def fail_with(self, status: int | None) -> None:
         self.sender.fail_with(status)
+
+    def api_fault(
+        self, fault: int | str | None, *, times: int | None = None, retry_after_s: int = 1
+    ) -> None:
+        """Make the API fail: a status (500, 429 with `retry_after_s`, 502, ...) or "hang",
+        for the next `times` requests or until `api_fault(None)`. Hung requests are released
+        (and then served) when the fault is cleared or the sandbox stops."""
+        if fault is None:
+            self._fault = None
+            self._unhang.set()
+            return
+        if fault != HANG and not (isinstance(fault, int) and 400 <= fault <= 599):
+            raise ValueError('a fault is an HTTP error status or "hang"')
+        if times is not None and times < 1:
+            raise ValueError("times must be at least 1")
+        self._fault = ApiFault(fault, times, retry_after_s)
+        self._unhang.set()  # requests a previous hang holds are released
+        self._unhang = asyncio.Event()
 
     # --- internals: records and views -----------------------------------------------------
 
@@ -918,7 +983,12 @@ class PlaneSandbox:
         return sorted(found, key=self._creation)
 
     def _create_comment(
-        self, rec: dict[str, Any], html: str, access: str, actor: dict[str, Any]
+        self,
+        rec: dict[str, Any],
+        html: str,
+        access: str,
+        actor: dict[str, Any],
+        external: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         comment_id = _new_id()
         stamp = _now()
@@ -941,6 +1011,7 @@ class PlaneSandbox:
             "updated_by": actor["id"],
             "deleted_at": None,
         }
+        comment.update(external or {})
         self._comments[comment_id] = comment
         self._next_order(comment_id)
         self._emit("issue_comment", "created", self._comment_view(comment), None, None, None, actor)
@@ -1032,6 +1103,10 @@ class PlaneSandbox:
         user_id: str | None = None
         try:
             user_id = self._authenticate(request)
+            faulted = await self._staged_fault(request)
+            if faulted is not None:
+                self._log_call(request, faulted.status, user_id)
+                return faulted
             rate_headers = self._throttle.check(user_id) if self._throttle else {}
             response = await handler(request)
             response.headers.update(rate_headers)
@@ -1044,6 +1119,24 @@ class PlaneSandbox:
             return web.json_response(NOT_FOUND, status=404)
         self._log_call(request, response.status, user_id)
         return response
+
+    async def _staged_fault(self, request: web.Request) -> web.Response | None:
+        """The answer of a staged fault, if one applies to this request (a hang waits here,
+        with the request already received, so it is served even if the client gave up)."""
+        fault = self._fault
+        if fault is None:
+            return None
+        if fault.remaining is not None:
+            fault.remaining -= 1
+            if fault.remaining <= 0:
+                self._fault = None
+        if fault.fault != HANG:
+            return fault.response()
+        await request.read()
+        self.hung += 1
+        released = self._unhang
+        await released.wait()
+        return None
 
     async def _h_me(self, request: web.Request) -> web.Response:
         """The user the API key belongs to (Plane's `users/me/`)."""
@@ -1192,8 +1285,23 @@ class PlaneSandbox:
         rec = self._issues.get(request.match_info["issue_id"])
         if rec is None or rec["project"] != project["id"]:
             raise ApiError(400, PAYLOAD_INVALID)  # a foreign key violation in real Plane
-        comment = self._create_comment(rec, html, access, self._caller(request))
+        external = self._comment_external(project["id"], body)
+        comment = self._create_comment(rec, html, access, self._caller(request), external)
         return web.json_response(self._comment_view(comment), status=201)
+
+    def _comment_external(self, project_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """external_id and external_source of a new comment; 409 when both are in use."""
+        external = {
+            key: _v_string(key, body.get(key), blank=True, null=True)
+            for key in ("external_id", "external_source")
+        }
+        if not (external["external_id"] and external["external_source"]):
+            return external
+        for comment in self._comments.values():
+            same = all(comment[key] == value for key, value in external.items())
+            if comment["project"] == project_id and same:
+                raise ApiError(409, {"error": DUPLICATE_COMMENT, "id": comment["id"]})
+        return external
 
     def _api_comment(self, request: web.Request) -> dict[str, Any]:
         rec = self._api_issue_rec(request)
@@ -1330,6 +1438,13 @@ class PlaneSandbox:
             self.drop_rate(float(body["drop_rate"]), body.get("seed"))
         if "fail_with" in body:
             self.fail_with(body["fail_with"])
+        if "api" in body:
+            api = body["api"] or {}
+            self.api_fault(
+                api.get("fault"),
+                times=api.get("times"),
+                retry_after_s=int(api.get("retry_after_s", 1)),
+            )
         return web.json_response({"ok": True})
 
 
