@@ -51,6 +51,16 @@ COUNTERS = Counters()
 COUNTERS.describe("conveyor_telegram_calls_total", "Telegram Bot API calls by method and outcome.")
 COUNTERS.describe("conveyor_webhooks_received_total", "Webhook requests by source and answer.")
 COUNTERS.describe("conveyor_reconciler_ticks_total", "Reconciler ticks.")
+COUNTERS.describe(
+    "conveyor_reconciler_tick_seconds_total", "Time spent in reconciler ticks, in seconds."
+)
+COUNTERS.describe(
+    "conveyor_reconciler_examined_total", "Idle active tasks the reconciler examined."
+)
+COUNTERS.describe("conveyor_reconciler_started_total", "Tasks the reconciler started.")
+COUNTERS.describe(
+    "conveyor_reconciler_verdicts_total", "BRD verdicts the reconciler replayed from the board."
+)
 COUNTERS.describe("conveyor_reconciler_unblocked_total", "Tasks the reconciler moved.")
 COUNTERS.describe("conveyor_reconciler_skipped_total", "Tasks the reconciler skipped, by guard.")
 COUNTERS.describe("conveyor_reconciler_errors_total", "Errors during reconciler ticks.")

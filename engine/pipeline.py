@@ -605,7 +605,9 @@ class Pipeline:
     async def recheck(self, task_id: int, actor: str | None = None) -> bool:
         """Evaluate an idle task's exit gate now; advance exactly as the stage's run would on green.
 
-        Red changes nothing at all. Webhooks (a CI status) and the reconciler call this.
+        The gate is read in the task's existing worktree, which nothing creates or changes
+        before a green verdict: a task whose worktree is missing is skipped. Red changes
+        nothing at all. Webhooks (a CI status) and the reconciler call this.
         """
         task = await self.store.get_task(task_id)
         if task is None or task.status != Status.ACTIVE or await self.store.has_active_job(task_id):
@@ -614,14 +616,19 @@ class Pipeline:
         if project is None:
             return False
         try:
-            worktree = await self.git.ensure_worktree(
+            worktree = self.git.worktree_dir(project.key, task.work_item)
+            if not (worktree / ".git").exists():
+                log.info("recheck of %s skipped: no worktree at %s", task.work_item, worktree)
+                return False
+            result = await self.evaluate_gate(task, project, worktree)
+            if not result.passed:
+                return False
+            # a worktree left detached by a crash goes back to its branch before the move
+            await self.git.ensure_worktree(
                 project.key, project.remote, project.main_branch, task.branch, task.work_item
             )
         except GitError as error:
             log.warning("recheck of %s skipped: %s", task.work_item, error)
-            return False
-        result = await self.evaluate_gate(task, project, worktree)
-        if not result.passed:
             return False
         before = await self.store.latest_event_id(task_id)
         await self._apply_gate(None, task, project, worktree, result, actor)
@@ -678,10 +685,15 @@ class Pipeline:
     async def _fail_task(
         self, job: Job, task: Task, error: str, alert: AlertKind = AlertKind.AGENT_FAILED
     ) -> None:
+        """Stop the task where it is, even at a stage only another version knows."""
+        try:
+            stage = Stage(task.stage)
+        except ValueError:
+            stage = task.stage
         await self._transition(
             job,
             task,
-            Change("failed", Stage(task.stage), Status.FAILED, error, reason=error),
+            Change("failed", stage, Status.FAILED, error, reason=error),
             alert=(alert, error),
             job_state="failed",
         )

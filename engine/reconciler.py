@@ -4,8 +4,10 @@ Webhooks are hints (Plane retries only on connection errors, Gitea never
 retries); this periodic, level-triggered pass is what guarantees that no task
 stays stuck. It must not become the disease either: a task that a person or the
 retry cap stopped is skipped silently, before any network call, and a red gate
-changes nothing at all — no event, no notification, no card edit. Every move it
-makes goes through the same engine methods the webhooks and buttons use.
+changes nothing at all — no event, no notification, no card edit. A verdict column on
+the board is replayed only once the board has been shown the BRD it judges, so a column
+our sync could not move on never reruns the analyst again. Every move it makes goes
+through the same engine methods the webhooks and buttons use.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -37,10 +40,18 @@ HELD_STATES = ("blocked", "needs_input")
 # board states the tracker side replays, and what each replays
 REPLAYED_STATES = ("in_progress", "approved", "rejected")
 
-# unfinished tasks with no queued or running job (tasks_status and the partial job index)
-IDLE_TASKS = (
-    "SELECT * FROM tasks WHERE status NOT IN ('done', 'cancelled') AND NOT EXISTS"
+# active tasks with no queued or running job: a search of the tasks_status index, then of the
+# partial one-active-job index per task; finished and person-held tasks are never read
+IDLE_ACTIVE_TASKS = (
+    "SELECT * FROM tasks WHERE status = ? AND NOT EXISTS"
     " (SELECT 1 FROM jobs WHERE jobs.task_id = tasks.id AND jobs.state IN ('queued', 'running'))"
+)
+# whether the outbound sync has shown the board the task's latest BRD (moved it to In Review):
+# only then is an Approved or Rejected on the board a verdict on that BRD, not a stale one
+BOARD_SAW_LATEST_BRD = (
+    "SELECT COALESCE((SELECT event_id FROM tracker_sync WHERE task_id = ?), 0)"
+    " >= COALESCE((SELECT MAX(id) FROM events WHERE task_id = ? AND kind = 'brd_ready'), 0)"
+    " AS seen"
 )
 
 
@@ -111,6 +122,7 @@ class Reconciler:
             max_instances=1,
             coalesce=True,
             misfire_grace_time=max(1, int(interval)),
+            next_run_time=datetime.now(UTC),  # what was lost while the process was down
         )
         self.scheduler.start()
 
@@ -194,7 +206,28 @@ class Reconciler:
                 report.started += 1
                 log.info("reconciler started %s for issue %s", outcome.task.work_item, issue.id)
             return
-        if task is None or task.status != Status.AWAITING_APPROVAL:
+        if task is not None and task.status == Status.AWAITING_APPROVAL:
+            await self._replay_verdict(project, issue, logical, task, report)
+
+    async def _replay_verdict(
+        self,
+        project: ProjectConfig,
+        issue: PlaneIssue,
+        logical: str,
+        task: Task,
+        report: TickReport,
+    ) -> None:
+        """Approved or Rejected on a task awaiting approval, once the board has seen its BRD.
+
+        Before that, the column is what the board said about an earlier BRD: applying it
+        again would rerun the analyst each time it finishes while our sync cannot move
+        the issue on.
+        """
+        if self._within_grace(task):
+            report.skipped["grace"] += 1
+            return
+        if not await self._board_saw_latest_brd(task.id):
+            report.skipped["stale_verdict"] += 1
             return
         data = {"id": issue.id}
         verdict = {"approved": self.intake.on_approved, "rejected": self.intake.on_rejected}
@@ -203,17 +236,21 @@ class Reconciler:
             report.verdicts += 1
             log.info("reconciler replayed %s on %s", outcome, task.work_item)
 
+    async def _board_saw_latest_brd(self, task_id: int) -> bool:
+        row = await self.store.fetchone(BOARD_SAW_LATEST_BRD, (task_id, task_id))
+        return bool(row["seen"])
+
     # --- the gate side ---------------------------------------------------------------------
 
     async def _replay_gates(self, board: BoardView, report: TickReport) -> None:
-        for row in await self.store.fetchall(IDLE_TASKS):
+        for row in await self.store.fetchall(IDLE_ACTIVE_TASKS, (Status.ACTIVE,)):
             task = Task(**dict(row))
             report.examined += 1
             guard = self._guard(task, board)
             if guard is not None:
                 report.skipped[guard] += 1
                 continue
-            if now() - task.updated_at < self._grace(task):
+            if self._within_grace(task):
                 report.skipped["grace"] += 1
                 continue
             try:
@@ -229,9 +266,7 @@ class Reconciler:
     def _guard(self, task: Task, board: BoardView) -> str | None:
         """Why the reconciler must not touch the task, checked cheapest first; None: go on."""
         if retries_exhausted(task.developer_retries, self.settings):
-            return "escalated"
-        if task.status != Status.ACTIVE:
-            return "waiting_for_person"
+            return "escalated"  # a cap lowered since the task last ran
         if not (self.settings.reconcile_skip_blocked_enabled and task.tracker_issue_id):
             return None
         project = self.settings.project(task.project)
@@ -245,14 +280,20 @@ class Reconciler:
         held = self.intake.logical_state({"name": issue.state_name, "group": issue.state_group})
         return "held_by_person" if held in HELD_STATES else None
 
-    def _grace(self, task: Task) -> float:
-        return self.settings.reconcile_stage_grace_s.get(
+    def _within_grace(self, task: Task) -> bool:
+        """Idle for less than its stage's grace: a webhook may still be on its way."""
+        grace = self.settings.reconcile_stage_grace_s.get(
             task.stage, self.settings.reconcile_grace_s
         )
+        return now() - task.updated_at < grace
 
     async def _record(self, report: TickReport) -> None:
         COUNTERS.inc("conveyor_reconciler_ticks_total")
+        COUNTERS.inc("conveyor_reconciler_tick_seconds_total", report.duration_s)
+        COUNTERS.inc("conveyor_reconciler_examined_total", report.examined)
         COUNTERS.inc("conveyor_reconciler_unblocked_total", report.unblocked)
+        COUNTERS.inc("conveyor_reconciler_started_total", report.started)
+        COUNTERS.inc("conveyor_reconciler_verdicts_total", report.verdicts)
         COUNTERS.inc("conveyor_reconciler_errors_total", report.errors)
         for guard, count in report.skipped.items():
             COUNTERS.inc("conveyor_reconciler_skipped_total", count, guard=guard)

@@ -38,6 +38,7 @@ def plane_client(settings: Settings) -> PlaneClient | None:
         settings.plane_api_url,
         settings.plane_api_token.get_secret_value(),
         settings.plane_workspace,
+        timeout_s=settings.plane_timeout_s,
     )
 
 
@@ -90,7 +91,8 @@ class Engine:
         self.tracker.start()
 
     async def start_reconciler(self) -> None:
-        """Expired leases are recovered before the first tick can look at their tasks."""
+        """Recover expired leases, then schedule the reconciler, whose first tick runs at once
+        (it must see those jobs queued again, not held by a process that is gone)."""
         await self.queue.recover_expired()
         self.reconciler.start()
 

@@ -1,59 +1,74 @@
-"""The reconciler: lost webhooks never leave a task stuck, and stopped tasks stay stopped."""
+"""The reconciler: lost webhooks never leave a task stuck, and stopped tasks stay stopped.
+
+The tracker side and the whole stack live in test_reconciler_board.py and
+test_reconciler_bounce.py; the scale test in test_reconciler_scale.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import aiohttp
+from aiohttp import web
+
+from bot.cards import clock
 from bot.telegram import TelegramConsole
+from engine.api import add_routes
+from engine.config import Settings
+from engine.jobs import JobQueue
+from engine.reconciler import TICK_SETTING
 from engine.runtime import Engine
-from engine.sandbox.telegram import TelegramSandbox
+from engine.sandbox.telegram import SandboxMessage, TelegramSandbox
 from engine.stages import Stage, Status
-from tests.conftest import HANG_GUARD_S, RecordingNotifier, settle, start
-from tests.test_telegram import TOKEN, console_settings
-from tests.test_webhooks import Board, open_board
+from engine.store import Task
+from tests.conftest import HANG_GUARD_S, settle, start
+from tests.test_telegram import ADMIN, CHAT, TOKEN, console_settings
 
 NOT_POLLING = ("getUpdates", "getMe", "setMyCommands", "deleteWebhook")
+RECONCILER_LINE = "moved on by the reconciler"
 
 
 def telegram_traffic(sandbox: TelegramSandbox) -> int:
     return len([call for call in sandbox.calls if call.method not in NOT_POLLING])
 
 
-async def test_an_escalated_task_stays_still_over_a_hundred_ticks(make_settings, agent_env) -> None:
-    """The bounce incident: CI green, a reviewer that always requests changes, the cap reached."""
-    agent_env(reviewer="negative")
-    async with TelegramSandbox(TOKEN, group_per_minute=6000) as sandbox:
-        settings = console_settings(make_settings, sandbox, reconcile_grace_s=0)
-        notifier = RecordingNotifier()
-        engine = Engine(settings, notifier)
-        notifier.engine = engine
-        console = TelegramConsole(settings, engine)
-        engine.use_notifier(console.notifier)
-        async with engine:
-            await console.start()
-            engine.start_worker()
-            try:
-                task = await start(engine)
-                await _approve_when_ready(engine, task.id)
-                task = await settle(engine, task.id)
-                assert task.status == Status.ESCALATED
-                await console.publisher.idle()
-                runs = len(await engine.store.agent_runs(task.id))
-                events = len(await engine.store.events(task.id))
-                calls = telegram_traffic(sandbox)
-
-                reports = [await engine.reconciler.tick() for _ in range(100)]
-
-                await console.publisher.idle()
-                assert len(await engine.store.agent_runs(task.id)) == runs
-                assert len(await engine.store.events(task.id)) == events
-                assert telegram_traffic(sandbox) == calls
-                assert all(r.skipped["escalated"] == 1 and r.unblocked == 0 for r in reports)
-            finally:
-                await console.stop()
+def cards_of(sandbox: TelegramSandbox, task: Task) -> list[SandboxMessage]:
+    return [m for m in sandbox.messages(CHAT) if m.text.startswith(task.work_item + " ")]
 
 
-async def _approve_when_ready(engine: Engine, task_id: int) -> None:
+def local_ci(tmp_path: Path) -> tuple[list[dict], Path]:
+    """A project whose CI (its check command) is green once the returned file exists."""
+    flag = tmp_path / "ci-green"
+    check = [
+        sys.executable,
+        "-c",
+        f"import os, sys; sys.exit(0 if os.path.exists({str(flag)!r}) else 1)",
+    ]
+    return [{"key": "ORCH", "remote": str(tmp_path / "remote.git"), "check_command": check}], flag
+
+
+@contextlib.asynccontextmanager
+async def console_engine(settings: Settings) -> AsyncIterator[tuple[Engine, TelegramConsole]]:
+    """The engine with its Telegram console and worker running, as `conveyor run` has them."""
+    engine = Engine(settings)
+    console = TelegramConsole(settings, engine)
+    engine.use_notifier(console.notifier)
+    async with engine:
+        await console.start()
+        engine.start_worker()
+        try:
+            yield engine, console
+        finally:
+            await console.stop()
+
+
+async def approve_when_ready(engine: Engine, task_id: int) -> None:
     async def loop() -> None:
         while (await engine.store.get_task(task_id)).status != Status.AWAITING_APPROVAL:
             await asyncio.sleep(0.05)
@@ -62,162 +77,43 @@ async def _approve_when_ready(engine: Engine, task_id: int) -> None:
     await asyncio.wait_for(loop(), HANG_GUARD_S)
 
 
-async def _to_development_waiting_for_ci(board: Board) -> tuple[dict, int]:
-    issue = board.issue()
-    board.move(issue["id"], "In Progress")
-    task = await board.task_of(issue["id"])
-    await board.until(task.id, Status.AWAITING_APPROVAL)
-    board.move(issue["id"], "Approved")
-    task = await board.until(task.id, Status.ACTIVE, stage=Stage.DEVELOPMENT)
-    await board.settle()
-    await board.engine.tracker.idle()
-    return issue, task.id
+async def idle_in_development(engine: Engine) -> Task:
+    """A task approved by a person and resting in development, its CI red."""
+    task = await start(engine)
+    await approve_when_ready(engine, task.id)
+    task = await settle(engine, task.id)
+    assert (task.stage, task.status) == (Stage.DEVELOPMENT, Status.ACTIVE)
+    return task
 
 
-async def lose_a_green_status(board: Board, head: str) -> None:
-    """CI turns green on the head, but the status webhook is lost on the way."""
-    await board.settle()
-    board.gitea.drop_rate(1.0)
-    await board.gitea.set_status("team", "app", head, "success")
-    await board.settle()
-    board.gitea.drop_rate(0.0)
+async def test_an_escalated_task_stays_still_over_a_hundred_ticks(make_settings, agent_env) -> None:
+    """The bounce incident: CI green, a reviewer that always requests changes, the cap reached."""
+    agent_env(reviewer="negative")
+    async with TelegramSandbox(TOKEN, group_per_minute=6000) as sandbox:
+        settings = console_settings(make_settings, sandbox, reconcile_grace_s=0)
+        async with console_engine(settings) as (engine, console):
+            task = await start(engine)
+            await approve_when_ready(engine, task.id)
+            task = await settle(engine, task.id)
+            assert task.status == Status.ESCALATED
+            await console.publisher.idle()
+            runs = len(await engine.store.agent_runs(task.id))
+            events = len(await engine.store.events(task.id))
+            calls = telegram_traffic(sandbox)
 
+            reports = [await engine.reconciler.tick() for _ in range(100)]
 
-async def _frozen_over_ticks(board: Board, task_id: int, ticks: int = 100) -> list:
-    runs = len(await board.engine.store.agent_runs(task_id))
-    events = len(await board.engine.store.events(task_id))
-    reports = [await board.engine.reconciler.tick() for _ in range(ticks)]
-    assert len(await board.engine.store.agent_runs(task_id)) == runs
-    assert len(await board.engine.store.events(task_id)) == events
-    return reports
-
-
-async def test_a_task_a_person_holds_in_plane_is_left_alone(
-    tmp_path, make_settings, agent_env
-) -> None:
-    board, close = await open_board(
-        tmp_path, make_settings, RecordingNotifier(), ci_state=None, reconcile_grace_s=0
-    )
-    try:
-        for held in ("Blocked", "Needs Input"):
-            issue, task_id = await _to_development_waiting_for_ci(board)
-            board.move(issue["id"], held)
-            await board.settle()
-            head = (await board.engine.store.get_task(task_id)).head_sha
-            await lose_a_green_status(board, head)
-
-            reports = await _frozen_over_ticks(board, task_id)
-            assert all(r.skipped["held_by_person"] == 1 for r in reports)
-            assert (await board.engine.store.get_task(task_id)).stage == Stage.DEVELOPMENT
-
-            board.move(issue["id"], "In Progress")  # the person lets go
-            await board.settle()
-            report = await board.engine.reconciler.tick()
-            assert report.unblocked == 1
-            moved = [e for e in await board.engine.store.events(task_id) if e.actor == "reconciler"]
-            assert moved[0].from_state == "development/active"
-            await board.until(task_id, Status.DONE)
-    finally:
-        await close()
-
-
-async def test_a_plane_outage_during_the_tick_skips_conservatively(
-    tmp_path, make_settings, agent_env
-) -> None:
-    board, close = await open_board(
-        tmp_path, make_settings, RecordingNotifier(), ci_state=None, reconcile_grace_s=0
-    )
-    try:
-        issue, task_id = await _to_development_waiting_for_ci(board)
-        head = (await board.engine.store.get_task(task_id)).head_sha
-        await lose_a_green_status(board, head)
-        port = int(board.plane.base_url.rsplit(":", 1)[1])
-        await board.plane.stop()
-
-        reports = await _frozen_over_ticks(board, task_id, ticks=5)
-        assert all(r.skipped["tracker_unreachable"] == 1 and r.errors >= 1 for r in reports)
-
-        await board.plane.start(port=port)
-        assert (await board.engine.reconciler.tick()).unblocked == 1
-    finally:
-        await close()
-
-
-async def test_lost_webhooks_of_every_kind_still_bring_every_task_to_done(
-    tmp_path, make_settings, agent_env
-) -> None:
-    board, close = await open_board(
-        tmp_path, make_settings, RecordingNotifier(), ci_state="success", reconcile_grace_s=0
-    )
-    try:
-        board.plane.drop_rate(0.4, seed=7)
-        board.gitea.drop_rate(0.4, seed=11)
-        issues = [board.issue(name=f"Feature {n}") for n in range(4)]
-        for issue in issues:
-            board.move(issue["id"], "In Progress")
-
-        async def drive() -> None:
-            while True:
-                await board.settle()
-                await board.engine.reconciler.tick()
-                tasks = await board.engine.store.list_tasks()
-                for task in tasks:
-                    if task.status == Status.AWAITING_APPROVAL:
-                        issue_id = task.tracker_issue_id
-                        if board.plane.state_name(issue_id) != "Approved":
-                            board.move(issue_id, "Approved")
-                if len(tasks) == len(issues) and all(t.status == Status.DONE for t in tasks):
-                    return
-                await asyncio.sleep(0.1)
-
-        await asyncio.wait_for(drive(), HANG_GUARD_S)
-        assert sum(d.outcome == "dropped" for d in board.plane.deliveries) > 0
-        assert sum(d.dropped for d in board.gitea.deliveries) > 0
-        for task in await board.engine.store.list_tasks():
-            events = await board.engine.store.events(task.id)
-            moves = [(e.kind, e.from_state, e.to_state) for e in events]
-            assert len(moves) == len(set(moves)), f"{task.work_item} moved twice: {moves}"
-            assert [e.kind for e in events].count("done") == 1
-            assert [e.kind for e in events].count("created") == 1
-        assert len(await board.engine.store.list_tasks()) == len(issues)
-    finally:
-        await close()
-
-
-async def test_the_scheduler_ticks_and_records_the_last_tick(make_settings, agent_env) -> None:
-    async with Engine(make_settings(reconcile_interval_s=0.2)) as engine:
-        await engine.start_reconciler()
-        try:
-
-            async def ticked() -> dict:
-                while (tick := await engine.store.get_setting("reconciler_last_tick")) is None:
-                    await asyncio.sleep(0.05)
-                return tick
-
-            tick = await asyncio.wait_for(ticked(), HANG_GUARD_S)
-            assert {"at", "duration_s", "examined", "unblocked", "skipped", "errors"} <= set(tick)
-        finally:
-            engine.reconciler.stop()
-
-
-async def test_the_kill_switch_leaves_the_scheduler_off(make_settings) -> None:
-    async with Engine(make_settings(reconcile_enabled=False)) as engine:
-        await engine.start_reconciler()
-        assert engine.reconciler.scheduler is None
+            await console.publisher.idle()
+            assert len(await engine.store.agent_runs(task.id)) == runs
+            assert len(await engine.store.events(task.id)) == events
+            assert telegram_traffic(sandbox) == calls
+            assert all(r.examined == 0 and r.unblocked == 0 for r in reports)
 
 
 async def test_a_red_gate_changes_nothing_and_a_green_one_advances_once(
     make_settings, notifier, agent_env, tmp_path
 ) -> None:
-    import sys
-
-    flag = tmp_path / "ci-green"
-    check = [
-        sys.executable,
-        "-c",
-        f"import os, sys; sys.exit(0 if os.path.exists({str(flag)!r}) else 1)",
-    ]
-    projects = [{"key": "ORCH", "remote": str(tmp_path / "remote.git"), "check_command": check}]
+    projects, flag = local_ci(tmp_path)
     engine = Engine(make_settings(projects=projects, reconcile_grace_s=0), notifier)
     notifier.engine = engine
     async with engine:
@@ -240,29 +136,180 @@ async def test_a_red_gate_changes_nothing_and_a_green_one_advances_once(
         assert len(by_reconciler) == 1 and by_reconciler[0].to_state == "review/active"
 
 
-async def test_the_card_says_the_reconciler_moved_the_task(
+async def test_the_card_is_edited_silently_to_say_the_reconciler_moved_the_task(
     make_settings, agent_env, tmp_path
 ) -> None:
-    import sys
+    projects, flag = local_ci(tmp_path)
+    async with TelegramSandbox(TOKEN, group_per_minute=6000) as sandbox:
+        settings = console_settings(make_settings, sandbox, projects=projects, reconcile_grace_s=0)
+        async with console_engine(settings) as (engine, console):
+            task = await idle_in_development(engine)
+            await console.publisher.idle()
+            (card,) = cards_of(sandbox, task)
+            seen = len(sandbox.calls)
 
-    from bot.cards import CardRenderer
-    from bot.texts import Texts
+            flag.write_text("green")
+            assert (await engine.reconciler.tick()).unblocked == 1
 
-    flag = tmp_path / "ci-green"
-    check = [
-        sys.executable,
-        "-c",
-        f"import os, sys; sys.exit(0 if os.path.exists({str(flag)!r}) else 1)",
+            def said_by_an_edit() -> bool:
+                return any(
+                    call.method == "editMessageText"
+                    and call.params.get("message_id") == card.message_id
+                    and RECONCILER_LINE in call.params.get("text", "")
+                    for call in sandbox.calls[seen:]
+                )
+
+            await sandbox.wait_for(said_by_an_edit, HANG_GUARD_S)
+            assert [m.message_id for m in cards_of(sandbox, task)] == [card.message_id]
+            assert card.disable_notification
+
+
+async def test_the_grace_and_its_per_stage_override_decide_when_a_task_is_touched(
+    make_settings, notifier, agent_env, tmp_path
+) -> None:
+    projects, flag = local_ci(tmp_path)
+    graces = [
+        ({"reconcile_grace_s": 3600}, "grace"),
+        ({"reconcile_grace_s": 0, "reconcile_stage_grace_s": {"development": 3600}}, "grace"),
+        ({"reconcile_grace_s": 3600, "reconcile_stage_grace_s": {"review": 0}}, "grace"),
+        ({"reconcile_grace_s": 3600, "reconcile_stage_grace_s": {"development": 0}}, None),
     ]
-    projects = [{"key": "ORCH", "remote": str(tmp_path / "remote.git"), "check_command": check}]
-    notifier = RecordingNotifier()
-    engine = Engine(make_settings(projects=projects, reconcile_grace_s=0, locale="en"), notifier)
+    engine = Engine(make_settings(projects=projects), notifier)
     notifier.engine = engine
     async with engine:
         engine.start_worker()
         task = await settle(engine, (await start(engine)).id)
+    flag.write_text("green")
+    for overrides, skipped in graces:  # the process started again with each setting
+        async with Engine(make_settings(projects=projects, **overrides)) as restarted:
+            report = await restarted.reconciler.tick()
+        assert report.examined == 1
+        assert (report.skipped["grace"], report.unblocked) == ((1, 0) if skipped else (0, 1))
+    async with Engine(make_settings(projects=projects)) as engine:
+        assert (await engine.store.get_task(task.id)).stage == Stage.REVIEW
+
+
+async def test_a_task_without_its_worktree_is_skipped_and_nothing_is_created(
+    make_settings, notifier, agent_env, tmp_path
+) -> None:
+    """The pre-evaluation is read-only: no clone, no worktree, no branch checkout."""
+    projects, flag = local_ci(tmp_path)
+    engine = Engine(make_settings(projects=projects, reconcile_grace_s=0), notifier)
+    notifier.engine = engine
+    async with engine:
+        engine.start_worker()
+        task = await settle(engine, (await start(engine)).id)
+        worktree = engine.git.worktree_dir("ORCH", task.work_item)
+        shutil.rmtree(worktree)
         flag.write_text("green")
-        await engine.reconciler.tick()
-        task = await engine.store.get_task(task.id)
-        card = await CardRenderer(engine.store, engine.settings, Texts("en")).render(task, "edit")
-        assert "moved on by the reconciler" in card.text
+        events = len(await engine.store.events(task.id))
+
+        report = await engine.reconciler.tick()
+
+        assert report.examined == 1 and report.unblocked == 0 and report.errors == 0
+        assert not worktree.exists()
+        assert len(await engine.store.events(task.id)) == events
+
+
+async def test_expired_leases_are_recovered_before_the_first_tick(make_settings) -> None:
+    async with Engine(make_settings(reconcile_interval_s=3600)) as engine:
+        task = await start(engine)
+        orphan = await JobQueue(engine.store, lease_s=0).claim("a-worker-that-died")
+        assert orphan is not None and orphan.task_id == task.id
+        await engine.start_reconciler()
+        try:
+
+            async def first_tick() -> dict:
+                while (tick := await engine.store.get_setting(TICK_SETTING)) is None:
+                    await asyncio.sleep(0.05)
+                return tick
+
+            tick = await asyncio.wait_for(first_tick(), HANG_GUARD_S)
+        finally:
+            engine.reconciler.stop()
+        job = await engine.store.fetchone("SELECT * FROM jobs WHERE id = ?", (orphan.id,))
+        assert job["state"] == "queued" and job["owner"] is None
+        assert job["updated_at"] <= tick["at"]
+
+
+async def test_the_scheduler_ticks_and_records_the_last_tick(make_settings, agent_env) -> None:
+    async with Engine(make_settings(reconcile_interval_s=0.2)) as engine:
+        await engine.start_reconciler()
+        try:
+
+            async def ticked() -> dict:
+                while (tick := await engine.store.get_setting(TICK_SETTING)) is None:
+                    await asyncio.sleep(0.05)
+                return tick
+
+            tick = await asyncio.wait_for(ticked(), HANG_GUARD_S)
+            assert {"at", "duration_s", "examined", "unblocked", "skipped", "errors"} <= set(tick)
+        finally:
+            engine.reconciler.stop()
+
+
+async def test_the_kill_switch_leaves_the_scheduler_off(make_settings) -> None:
+    async with Engine(make_settings(reconcile_enabled=False)) as engine:
+        await engine.start_reconciler()
+        assert engine.reconciler.scheduler is None
+
+
+async def metrics(engine: Engine) -> str:
+    app = web.Application()
+    add_routes(app, engine)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/metrics"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert response.status == 200
+            return await response.text()
+    finally:
+        await runner.cleanup()
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    pattern = "^" + re.escape(name + labels) + r" (\S+)$"
+    found = [float(m.group(1)) for m in re.finditer(pattern, text, re.MULTILINE)]
+    return found[0] if found else 0.0
+
+
+async def test_queue_shows_the_last_tick_and_metrics_count_it(
+    make_settings, agent_env, tmp_path
+) -> None:
+    projects, _ = local_ci(tmp_path)
+    async with TelegramSandbox(TOKEN, group_per_minute=6000) as sandbox:
+        settings = console_settings(
+            make_settings,
+            sandbox,
+            projects=projects,
+            reconcile_grace_s=0,
+            reconcile_stage_grace_s={"development": 3600},
+        )
+        async with console_engine(settings) as (engine, _):
+            await idle_in_development(engine)
+            before = await metrics(engine)
+            report = await engine.reconciler.tick()
+            after = await metrics(engine)
+
+            sandbox.send_user_message(CHAT, ADMIN, "/queue")
+            await sandbox.wait_for(
+                lambda: any(m.text.startswith("Queue") for m in sandbox.messages(CHAT))
+            )
+            queue = next(m for m in sandbox.messages(CHAT) if m.text.startswith("Queue"))
+            line = next(row for row in queue.text.splitlines() if row.startswith("Reconciler"))
+            assert line.startswith(f"Reconciler: {clock(report.at)} · ")
+            for shown in ("s · examined 1", "unblocked 0", "grace 1", "errors 0"):
+                assert shown in line, line
+
+    def grew(name: str, labels: str = "") -> float:
+        return metric(after, name, labels) - metric(before, name, labels)
+
+    assert grew("conveyor_reconciler_ticks_total") == 1
+    assert grew("conveyor_reconciler_examined_total") == 1
+    assert grew("conveyor_reconciler_skipped_total", '{guard="grace"}') == 1
+    assert grew("conveyor_reconciler_unblocked_total") == 0
+    assert grew("conveyor_reconciler_errors_total") == 0
+    assert grew("conveyor_reconciler_tick_seconds_total") > 0
+    assert "# TYPE conveyor_reconciler_examined_total counter" in after
