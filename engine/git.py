@@ -204,6 +204,9 @@ class GitWorkspace:
         # Fetches and worktree bookkeeping write shared refs of one bare repository;
         # serialise them per repository. Share one workspace per process.
         self._locks: dict[str, asyncio.Lock] = {}
+        # Worktrees this process has checked: a later job skips the git checks (three
+        # subprocesses per job) while the worktree is still plainly on its branch.
+        self._verified: set[tuple[Path, str]] = set()
 
     def repo_dir(self, project: str) -> Path:
         return self.workdir / "repos" / f"{_safe_name('project', project)}.git"
@@ -250,15 +253,18 @@ class GitWorkspace:
         self, project: str, remote: str, main_branch: str, branch: str, work_item: str
     ) -> Path:
         path = self.worktree_dir(project, work_item)
+        if (path, branch) in self._verified and _plainly_on_branch(path, branch):
+            return path
         await _check_branch_name(branch)
         if await _is_worktree(path):
             await _recover_detached(path, branch)
-            return path
-        repo = self.repo_dir(project)
-        async with self._lock(repo):
-            if not await _is_worktree(path):  # a concurrent call may have just created it
-                await self._ensure_repo(repo, remote)
-                await self._add_worktree(repo, path, remote, main_branch, branch)
+        else:
+            repo = self.repo_dir(project)
+            async with self._lock(repo):
+                if not await _is_worktree(path):  # a concurrent call may have just created it
+                    await self._ensure_repo(repo, remote)
+                    await self._add_worktree(repo, path, remote, main_branch, branch)
+        self._verified.add((path, branch))
         return path
 
     async def _add_worktree(
@@ -441,6 +447,7 @@ class GitWorkspace:
         try:
             repo = self.repo_dir(project)
             path = self.worktree_dir(project, work_item)
+            self._verified = {entry for entry in self._verified if entry[0] != path}
             if repo.is_dir():
                 async with self._lock(repo):
                     await run_git("worktree", "remove", "--force", "--force", str(path), cwd=repo)
@@ -491,6 +498,21 @@ async def _is_worktree(path: Path) -> bool:
         return False
     res = await run_git("rev-parse", "--show-toplevel", cwd=path)
     return res.ok and _same_path(Path(res.out.strip()), path)
+
+
+def _plainly_on_branch(worktree: Path, branch: str) -> bool:
+    """The worktree's HEAD names `branch` and no merge or rebase is under way, read from
+    its files (gitrepository-layout) rather than by starting git."""
+    try:
+        pointer = (worktree / ".git").read_text(encoding="utf-8").strip()
+        if not pointer.startswith("gitdir:"):
+            return False
+        gitdir = worktree / pointer.removeprefix("gitdir:").strip()
+        head = (gitdir / "HEAD").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    busy = ("MERGE_HEAD", "rebase-merge", "rebase-apply", "CHERRY_PICK_HEAD")
+    return head == f"ref: refs/heads/{branch}" and not any((gitdir / n).exists() for n in busy)
 
 
 def _same_path(a: Path, b: Path) -> bool:

@@ -158,6 +158,12 @@ class JobQueue:
                     (now(), job_id),
                 )
 
+    async def close_failed(self, job: Job, error: str) -> None:
+        """Mark a claimed job failed on its own, without touching its task."""
+        with contextlib.suppress(LeaseLost):
+            async with self.store.tx() as conn:
+                await finish(conn, job, "failed", error)
+
     async def counts(self) -> dict[str, int]:
         rows = await self.store.fetchall("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         return {row["state"]: int(row["n"]) for row in rows}
@@ -240,12 +246,19 @@ class Worker:
             raise
         except Exception as error:
             log.exception("job %s (task %s, %s) crashed", job.id, job.task_id, job.stage)
-            try:
-                await self.on_crash(job, error)
-            except LeaseLost as lost:
-                log.warning("%s", lost)
+            await self._handle_crash(job, error)
         finally:
             heartbeat.cancel()
+
+    async def _handle_crash(self, job: Job, error: Exception) -> None:
+        """Let `on_crash` settle the job; if it fails too, close the job so it cannot loop."""
+        try:
+            await self.on_crash(job, error)
+        except LeaseLost as lost:
+            log.warning("%s", lost)
+        except Exception:
+            log.exception("the crash handler of job %s failed; closing the job", job.id)
+            await self.queue.close_failed(job, f"crash handler failed after: {error!r}")
 
     async def _heartbeat(self, job: Job) -> None:
         while True:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,50 @@ async def test_doctor_checks_each_project_remote(tmp_path: Path, remote: Path) -
     assert "FAIL project BAD remote" in result.stdout
 
 
+SUMMARY_HEADER = ["Stage", "Runs", "Att.", "Input", "(cached)", "Output", "Cost", "Model", "Time"]
+SUMMARY_ROW = re.compile(
+    r"^(?P<stage>\S+)\s+(?P<runs>\d+|—)\s+(?P<attempts>\d+|—)"
+    r"\s+(?P<input>—|\S+ \(\S+\))\s+(?P<output>\S+)\s+(?P<cost>\S+)"
+    r"\s+(?P<model>\S+)\s+(?P<time>\S+)$"
+)
+# The scripted agent's fixed usage per run, as the summary prints it: the reviewer asks for
+# changes once, so review and development run twice.
+EXPECTED_SUMMARY = {
+    "Analysis": ("1", "1", "22k (22k)", "1.5k", "$0.21", "opus-4-7"),
+    "Architecture": ("1", "1", "29k (29k)", "2.5k", "$0.34", "opus-4-7"),
+    "Development": ("2", "2", "204k (204k)", "12k", "$1.74", "opus-4-7"),
+    "Review": ("2", "2", "72k (72k)", "3.6k", "$0.58", "opus-4-7"),
+    "Testing": ("1", "1", "31k (31k)", "1.2k", "$0.23", "opus-4-7"),
+    "Staging": ("—", "—", "—", "—", "—", "—"),
+    "Deploy": ("1", "1", "11k (11k)", "400", "$0.07", "opus-4-7"),
+    "Total": ("8", "2", "369k (369k)", "21k", "$3.17", "opus-4-7"),
+}
+DURATION = re.compile(r"^(\d+\.\ds|\d+s|\d+m\d\ds|\d+h\d\dm)$")
+
+
+def summary_rows(out: str) -> dict[str, dict[str, str]]:
+    """The per-stage table the demo prints after the task is done, keyed by stage label."""
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Stage "))
+    assert lines[header].split() == SUMMARY_HEADER
+    rows = {}
+    for line in lines[header + 1 : header + 1 + len(EXPECTED_SUMMARY)]:
+        match = SUMMARY_ROW.match(line)
+        assert match, f"not a summary row: {line!r}"
+        rows[match["stage"]] = match.groupdict()
+    return rows
+
+
+def assert_summary(out: str) -> None:
+    rows = summary_rows(out)
+    assert list(rows) == list(EXPECTED_SUMMARY)
+    for stage, expected in EXPECTED_SUMMARY.items():
+        row = rows[stage]
+        columns = ("runs", "attempts", "input", "output", "cost", "model")
+        assert tuple(row[name] for name in columns) == expected, stage
+        assert DURATION.match(row["time"]) or row["time"] == row["runs"] == "—", row
+
+
 def test_demo_runs_one_task_to_done_with_a_visible_rollback(tmp_path: Path) -> None:
     result = conveyor("demo", "--locale", "en", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -76,17 +121,7 @@ def test_demo_runs_one_task_to_done_with_a_visible_rollback(tmp_path: Path) -> N
     assert "gate green, advanced" in out and "gate red, rolled back" in out
     assert "P0:" in out  # the must-fix text, shown at the rollback and in the second prompt
     assert "The second developer prompt carries" in out
-    for label in (
-        "Analysis",
-        "Architecture",
-        "Development",
-        "Review",
-        "Testing",
-        "Deploy",
-        "Total",
-    ):
-        assert label in out
-    assert "opus-4-7" in out and "$" in out
+    assert_summary(out)
     assert "card in Telegram" in out and "🏁" in out  # the card, as the operator saw it
     assert "Plane issue: Done · pull request: merged" in out  # the board and the forge agree
     assert out.rstrip().splitlines()[-1].startswith("done ✔")

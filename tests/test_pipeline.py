@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from pathlib import Path
 
@@ -245,3 +246,95 @@ async def test_a_red_local_check_keeps_the_task_in_development(
         last = (await engine.store.events(task.id))[-1]
         assert last.kind == "gate_red" and "exited with code 1" in (last.detail or "")
         assert len(await runs_by_role(engine, task.id, "developer")) == 1
+
+
+def process_group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_a_hung_agent_is_retried_after_its_timeout_and_the_task_completes(
+    make_settings, notifier: RecordingNotifier, agent_env
+) -> None:
+    agent_env(analyst="hang,ok")
+    engine = Engine(make_settings(agent_timeout_s=5.0, agent_max_attempts=2), notifier)
+    notifier.engine = engine
+    async with engine:
+        engine.start_worker()
+        task = await settle(engine, (await start(engine)).id)
+
+        assert task.status == Status.DONE
+        hung, rerun = await runs_by_role(engine, task.id, "analyst")
+        assert (hung.timed_out, hung.ok, hung.error) == (1, 0, "timed out after 5s")
+        assert hung.pid and process_group_gone(hung.pid)
+        assert (rerun.timed_out, rerun.ok, rerun.attempt) == (0, 1, 2)
+        retry = next(e for e in await engine.store.events(task.id) if e.kind == "agent_retry")
+        assert retry.detail == "attempt 1 of 2 failed: timed out after 5s"
+        assert event_kinds(await engine.store.events(task.id)).count("done") == 1
+
+
+async def test_an_is_error_result_is_retried_then_fails_the_task_with_an_alert(
+    engine: Engine, agent_env, notifier: RecordingNotifier
+) -> None:
+    agent_env(architect="is_error")
+    task = await settle(engine, (await start(engine)).id)
+
+    assert (task.stage, task.status) == (Stage.ARCHITECTURE, Status.FAILED)
+    assert task.status_reason == "agent reported an error (error_during_execution)"
+    architect = await runs_by_role(engine, task.id, "architect")
+    assert [(r.exit_code, r.ok) for r in architect] == [(0, 0), (0, 0)]
+    assert all(r.cost_usd and r.model for r in architect)  # what is known is recorded
+    assert event_kinds(await engine.store.events(task.id))[-2:] == ["agent_retry", "failed"]
+    assert notifier.alerts[-1] == (task.id, AlertKind.AGENT_FAILED, task.status_reason)
+    assert not await engine.has_active_job(task.id)
+
+
+async def test_a_crash_in_a_jobs_handling_fails_the_task_with_a_task_error_alert(
+    engine: Engine, agent_env, notifier: RecordingNotifier
+) -> None:
+    """An agent that deletes its own worktree leaves nothing to commit: the handling raises."""
+    agent_env(architect="vanish")
+    task = await settle(engine, (await start(engine)).id)
+
+    assert (task.stage, task.status) == (Stage.ARCHITECTURE, Status.FAILED)
+    assert task.status_reason.startswith("internal error: GitError('no HEAD commit in")
+    assert [r.ok for r in await runs_by_role(engine, task.id, "architect")] == [1, 1]
+    events = await engine.store.events(task.id)
+    assert event_kinds(events)[-2:] == ["agent_retry", "failed"]
+    assert "attempt 1 of 2 failed: internal error" in events[-2].detail
+    assert notifier.alerts[-1] == (task.id, AlertKind.TASK_ERROR, task.status_reason)
+    (job,) = await engine.store.fetchall(
+        "SELECT state, claims, failures FROM jobs WHERE task_id = ? AND stage = ?",
+        (task.id, Stage.ARCHITECTURE),
+    )
+    assert tuple(job) == ("failed", 2, 1)
+
+
+async def test_a_stage_this_version_does_not_know_fails_the_task_instead_of_looping(
+    make_settings, notifier: RecordingNotifier, agent_env
+) -> None:
+    """A row written by a newer version (a stage added there) makes the handling raise."""
+    engine = Engine(make_settings(job_lease_s=1.0), notifier)
+    async with engine:
+        task = await start(engine)
+        async with engine.store.tx() as conn:
+            await conn.execute(
+                "UPDATE tasks SET stage = 'security-review' WHERE id = ?", (task.id,)
+            )
+            await conn.execute(
+                "UPDATE jobs SET stage = 'security-review' WHERE task_id = ?", (task.id,)
+            )
+        engine.start_worker()
+        task = await settle(engine, task.id)
+
+        assert (task.stage, task.status) == ("security-review", Status.FAILED)
+        assert "'security-review' is not a valid Stage" in task.status_reason
+        assert notifier.kinds(task.id) == [AlertKind.TASK_ERROR]
+        (job,) = await engine.store.fetchall(
+            "SELECT state, claims FROM jobs WHERE task_id = ?", (task.id,)
+        )
+        assert tuple(job) == ("failed", 2)
+        assert await engine.store.agent_runs(task.id) == []

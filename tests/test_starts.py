@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+from pathlib import Path
 
 from engine.config import Settings
+from engine.git import branch_name
 from engine.runtime import Engine
+from engine.stages import Status
+from tests.conftest import RecordingNotifier, settle
 
 
 async def test_fifty_concurrent_starts_create_one_task_and_one_job(make_settings) -> None:
@@ -74,3 +79,42 @@ async def test_an_unknown_project_is_ignored(make_settings) -> None:
         outcome = await engine.pipeline.start_task("NOPE", "t", "d", tracker_issue_id="x")
         assert not outcome.created and "unknown project" in outcome.reason
         assert await engine.store.list_tasks() == []
+
+
+def remote_log(remote: Path, ref: str) -> list[str]:
+    return subprocess.run(
+        ["git", "--git-dir", str(remote), "log", "--format=%s", ref],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+
+
+async def test_a_branch_another_task_owns_gets_a_suffix_and_both_tasks_finish(
+    make_settings, notifier: RecordingNotifier, agent_env, remote: Path
+) -> None:
+    """Branches carry the work item, so only a row named otherwise (an older naming, a hand
+    edit) can own the branch a new task derives; the new task then takes a suffixed one."""
+    title = "Same title"
+    engine = Engine(make_settings(), notifier)
+    notifier.engine = engine
+    async with engine:
+        start = engine.pipeline.start_task
+        first = (await start("ORCH", title, "One.", tracker_issue_id="a", sequence_id=1)).task
+        taken = branch_name("ORCH-002", title)
+        async with engine.store.tx() as conn:
+            await conn.execute("UPDATE tasks SET branch = ? WHERE id = ?", (taken, first.id))
+        second = (await start("ORCH", title, "Two.", tracker_issue_id="b", sequence_id=2)).task
+        assert second.work_item == "ORCH-002"
+        assert second.branch == f"{taken}-2"
+
+        engine.start_worker()
+        finished = [await settle(engine, task.id) for task in (first, second)]
+
+    assert [task.status for task in finished] == [Status.DONE, Status.DONE]
+    merges = remote_log(remote, "main")
+    for task in finished:
+        on_branch = remote_log(remote, task.branch)
+        assert on_branch[0] == f"{task.work_item} deployer: deploy"
+        assert f"{task.work_item} developer: development" in on_branch
+        assert f"Merge {task.branch}: {task.work_item} {title}" in merges

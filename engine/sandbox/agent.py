@@ -5,7 +5,9 @@ a Claude-Code-shaped result JSON last on stdout) and follows a script set per ro
 
     SANDBOX_AGENT_<ROLE>     comma-separated steps, one consumed per run of that role for
                              the work item; the last one repeats. Default "ok".
-                             Steps: ok, negative, crash, hang, garbage, is_error.
+                             Steps: ok, negative, crash, hang, garbage, is_error, vanish
+                             (deletes its own worktree, as a runaway `rm -rf` would, and
+                             reports success).
     SANDBOX_AGENT_STATE      directory holding the run counters (default: a folder in the
                              temp dir named from the worktree's real path).
     SANDBOX_AGENT_DELAY_S    seconds to sleep before doing anything (default 0).
@@ -26,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-STEPS = ("ok", "negative", "crash", "hang", "garbage", "is_error")
+STEPS = ("ok", "negative", "crash", "hang", "garbage", "is_error", "vanish")
 HANG_S = 3600.0
 MAIN_MODEL = "claude-opus-4-7"
 SMALL_MODEL = "claude-haiku-4-5"
@@ -419,6 +422,9 @@ def perform(run: Run, step: str) -> int:
         return 0
     if step == "is_error":
         return finish(run, f"{run.role} could not finish its work", is_error=True)
+    if step == "vanish":
+        shutil.rmtree(Path.cwd())
+        return finish(run, f"{run.role} deleted its worktree")
     writer = WRITERS.get(run.role)
     wrote = writer(run, step != "negative") if writer else "nothing"
     summary = f"{run.role} ({run.stage}) run {run.run_number}, attempt {run.attempt}"
