@@ -133,6 +133,7 @@ class Settings(BaseSettings):
     merge_gate_repos: Annotated[list[str], NoDecode] = Field(default_factory=list)
     merge_lease_ttl_s: float = Field(default=1800.0, gt=0)
     merge_defer_s: float = Field(default=10.0, ge=0)
+    merge_retry_s: float = Field(default=5.0, ge=0)
     deploy_hook_timeout_s: float = Field(default=900.0, gt=0)
     deploy_staging_hook: str | None = None
     deploy_hook: str | None = None

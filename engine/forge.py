@@ -24,6 +24,7 @@ class ForgeMerge:
     sha: str | None = None
     conflict: bool = False
     head_moved: bool = False
+    transient: bool = False  # the forge did not answer as it should: try again later
     error: str | None = None
 
 
@@ -81,12 +82,26 @@ class Forge:
             self.pr_body(task),
         )
 
+    async def task_pr(self, project: ProjectConfig, task: Task) -> Result[PullRequest]:
+        """The task's recorded PR while it is open or once merged; else open (or find) one.
+
+        A merge that happened just before the process stopped must be found, not repeated
+        through a second PR for the same branch."""
+        assert project.repo is not None
+        if task.pr_number is not None:
+            recorded = await self.client.get_pull_request(project.repo, task.pr_number)
+            if not recorded.ok or recorded.value.merged or recorded.value.state == "open":
+                return recorded
+        return await self.ensure_pr(project, task)
+
     async def merge(self, project: ProjectConfig, task: Task) -> ForgeMerge:
         """Merge the task's PR, but only at the head that was tested (`task.head_sha`)."""
         assert project.repo is not None and task.head_sha is not None
-        pr = await self.ensure_pr(project, task)
+        pr = await self.task_pr(project, task)
         if not pr.ok:
-            return ForgeMerge(False, error=pr.error)
+            return ForgeMerge(False, transient=True, error=pr.error)
+        if pr.value.merged:
+            return ForgeMerge(True, sha=pr.value.merge_commit_sha)
         number = pr.value.number
         outcome = await self.client.merge_pull_request(
             project.repo,
@@ -95,7 +110,7 @@ class Forge:
             title=f"Merge {task.branch}: {task.work_item} {task.title}",
         )
         if not outcome.ok:
-            return ForgeMerge(False, error=outcome.error)
+            return ForgeMerge(False, transient=True, error=outcome.error)
         result = outcome.value
         if result.conflict or result.head_moved:
             reason = "merge conflict" if result.conflict else "the branch moved after it was tested"

@@ -75,6 +75,7 @@ class MergeResult:
     sha: str | None = None
     conflict_files: tuple[str, ...] = ()
     error: str | None = None
+    transient: bool = False  # the remote could not be reached: try again later
 
 
 @dataclass(frozen=True)
@@ -357,7 +358,9 @@ class GitWorkspace:
         main_ref = f"refs/remotes/origin/{main_branch}"
         fetched = await self._fetch_worktree(worktree)
         if not fetched.ok:
-            return MergeResult(ok=False, error=f"fetch failed: {_tail(fetched.err)}")
+            return MergeResult(
+                ok=False, error=f"fetch failed: {_tail(fetched.err)}", transient=True
+            )
         base = await _rev(worktree, main_ref)
         if base is None:
             return MergeResult(ok=False, error=f"branch {main_branch} not found on the remote")
@@ -424,6 +427,10 @@ class GitWorkspace:
             cwd=worktree,
             timeout_s=NETWORK_TIMEOUT_S,
         )
+
+    async def remote_head(self, worktree: Path, branch: str) -> str | None:
+        """The branch's head on the remote as last fetched; None when it is not there."""
+        return await _rev(worktree, f"refs/remotes/origin/{branch}")
 
     async def changed_between(self, worktree: Path, older: str, newer: str) -> list[str] | None:
         """Files that differ between two commits; None when either is unknown."""

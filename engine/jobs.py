@@ -17,6 +17,7 @@ import signal
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import aiosqlite
 
@@ -86,6 +87,19 @@ async def requeue(
     )
     if cursor.rowcount != 1:
         raise LeaseLost(f"job {job.id} is no longer held by {job.owner}")
+
+
+async def set_checkpoint(store: Store, job: Job, checkpoint: str) -> Job:
+    """Record durably how far the claimed job got; raises LeaseLost when it is not ours."""
+    async with store.tx() as conn:
+        cursor = await conn.execute(
+            "UPDATE jobs SET checkpoint = ?, updated_at = ?"
+            " WHERE id = ? AND state = 'running' AND owner = ?",
+            (checkpoint, now(), job.id, job.owner),
+        )
+        if cursor.rowcount != 1:
+            raise LeaseLost(f"job {job.id} is no longer held by {job.owner}")
+    return replace(job, checkpoint=checkpoint)
 
 
 class JobQueue:

@@ -123,8 +123,11 @@ class MergeGate:
                 + f"\nUpdate the branch so that it merges cleanly with {project.main_branch}."
             )
             return GateResult(GateVerdict.FAIL, rebase.error or "rebase failed", must_fix)
-        if rebase.rebased:
-            pushed = await self.git.force_push_branch(worktree, task.branch, task.head_sha)
+        # Push whenever the remote lacks the head to test, not only after a rebase: a run cut
+        # off between its rebase and its push finds the branch "up to date" when it reruns.
+        remote_head = await self.git.remote_head(worktree, task.branch)
+        if remote_head != rebase.head:
+            pushed = await self.git.force_push_branch(worktree, task.branch, remote_head)
             if not pushed.ok:
                 reason = f"push of the rebased {task.branch} refused: {pushed.err.strip()[-300:]}"
                 return GateResult(GateVerdict.FAIL, reason, reason)

@@ -82,7 +82,7 @@ class Change:
     """What a transition writes onto the task row, besides stage and status."""
 
     kind: str
-    stage: Stage
+    stage: Stage | str  # a str only when failing a row at a stage this version does not know
     status: Status
     detail: str | None = None
     actor: str | None = None
@@ -98,6 +98,10 @@ class Change:
 # The stages during which a task may hold its repository's merge lease.
 LEASE_STAGES = frozenset({Stage.DEPLOY_STAGING, Stage.DEPLOY})
 MAX_LEASE_DEFERRALS = 720
+# A merge the forge or the remote could not take is tried again, with backoff, this often.
+MAX_MERGE_DEFERRALS = 12
+MERGE_DEFERRED = "merge_deferred"
+MERGING = "merging"  # the deploy job's checkpoint once its merge began
 
 
 class Pipeline:
@@ -262,7 +266,12 @@ class Pipeline:
         if spec.stage is Stage.DEPLOY_STAGING:
             await self._deploy_staging(job, task, project, worktree)
             return
-        if spec.stage is Stage.DEPLOY and not await self._still_validated(project, task):
+        resuming_merge = job.checkpoint == MERGING
+        if (
+            spec.stage is Stage.DEPLOY
+            and not resuming_merge
+            and not await self._still_validated(project, task)
+        ):
             await self._transition(
                 job,
                 task,
@@ -275,7 +284,7 @@ class Pipeline:
                 ),
             )
             return
-        if spec.role is not None:
+        if spec.role is not None and not resuming_merge:  # the deployer's verdict stands
             outcome = await self._run_agent(job, task, project, worktree)
             if not outcome.ok:
                 await self._agent_failed(job, task, outcome.error or "agent failed")
@@ -520,7 +529,7 @@ class Pipeline:
                 return MergeResult(False, error=f"the branch changed after the test: {changed}")
         if self.on_forge(project):
             merged = await self.forge.merge(project, replace(task, head_sha=head))
-            return MergeResult(merged.ok, merged.sha, (), merged.error)
+            return MergeResult(merged.ok, merged.sha, (), merged.error, merged.transient)
         return await self.git.merge_to_main(
             worktree,
             task.branch,
@@ -539,7 +548,12 @@ class Pipeline:
     ) -> None:
         project = self.settings.project(task.project)
         assert project is not None
+        if job is not None and job.checkpoint != MERGING:
+            job = await jobs.set_checkpoint(self.store, job, MERGING)
         merge = await self._merge(project, task, worktree)
+        if merge.transient:
+            await self._defer_merge(job, task, merge.error or "no answer")
+            return
         if not merge.ok:
             files = "\n".join(merge.conflict_files)
             must_fix = f"Merging into {project.main_branch} failed: {merge.error or 'conflict'}" + (
@@ -560,6 +574,35 @@ class Pipeline:
                 merge_sha=merge.sha,
             ),
         )
+
+    async def _defer_merge(self, job: Job | None, task: Task, error: str) -> None:
+        """The forge or the remote did not answer: merge again later, without running the
+        deployer again (its verdict stands), and without holding a worker meanwhile."""
+        deferrals = await self._trailing_events(task.id, MERGE_DEFERRED)
+        if deferrals >= MAX_MERGE_DEFERRALS:
+            reason = f"merging failed {deferrals + 1} times: {error}"
+            if job is not None:
+                await self._fail_task(job, task, reason, AlertKind.DEPLOY_FAILED)
+            return
+        delay = jobs.backoff_delay(self.settings.merge_retry_s, deferrals + 1)
+        detail = f"merge deferred {delay:g}s: {error}"
+        async with self.store.tx() as conn:
+            if job is None:
+                await jobs.enqueue(conn, task.id, task.stage, delay)
+            else:
+                await jobs.requeue(conn, job, delay, detail, count_failure=False)
+            await Store.add_event(conn, task.id, MERGE_DEFERRED, task.state, task.state, detail)
+        log.warning("%s: %s", task.work_item, detail)
+        await self._after_change(task.id)
+
+    async def _trailing_events(self, task_id: int, kind: str) -> int:
+        """How many of the task's latest events, counting back, are of `kind`."""
+        count = 0
+        for event in reversed(await self.store.events(task_id)):
+            if event.kind != kind:
+                break
+            count += 1
+        return count
 
     async def _rollback(self, job: Job | None, task: Task, result: GateResult) -> bool:
         source = Stage(task.stage)
@@ -686,14 +729,10 @@ class Pipeline:
         self, job: Job, task: Task, error: str, alert: AlertKind = AlertKind.AGENT_FAILED
     ) -> None:
         """Stop the task where it is, even at a stage only another version knows."""
-        try:
-            stage = Stage(task.stage)
-        except ValueError:
-            stage = task.stage
         await self._transition(
             job,
             task,
-            Change("failed", stage, Status.FAILED, error, reason=error),
+            Change("failed", task.stage, Status.FAILED, error, reason=error),
             alert=(alert, error),
             job_state="failed",
         )

@@ -178,6 +178,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # the head the merge gate re-tested: the only commit that may be merged
         "ALTER TABLE tasks ADD COLUMN tested_sha TEXT",
     ),
+    (
+        # how far a job got in a step that must not run twice ("merging": the deployer's
+        # verdict was green and the merge began), so a rerun resumes there
+        "ALTER TABLE jobs ADD COLUMN checkpoint TEXT",
+    ),
 )
 
 
@@ -232,6 +237,7 @@ class Job:
     last_error: str | None
     created_at: float
     updated_at: float
+    checkpoint: str | None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,15 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.extra = extra
+
+
+@dataclass
+class ApiFault:
+    """A staged failure of the API for paths containing `path_contains`."""
+
+    status: int
+    path_contains: str
+    remaining: int | None  # None: until cleared
 
 
 # --- state -------------------------------------------------------------------------------
@@ -614,6 +624,7 @@ class GiteaSandbox:
         self._counters = {"repo": 0, "pull": 0, "status": 0}
         self._runner: web.AppRunner | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._faults: list[ApiFault] = []
 
     # lifecycle
 
@@ -736,6 +747,29 @@ class GiteaSandbox:
 
     def replay(self, delivery_id: str) -> Delivery:
         return self.webhooks.replay(delivery_id)
+
+    def api_fault(
+        self, status: int | None, *, path_contains: str = "", times: int | None = None
+    ) -> None:
+        """Answer API requests whose path contains `path_contains` with `status` (500, 502,
+        503, 429 with Retry-After) for the next `times` of them, or until `api_fault(None)`
+        clears every fault. The request does nothing else."""
+        if status is None:
+            self._faults.clear()
+            return
+        if not 400 <= status <= 599:
+            raise ValueError("a fault is an HTTP error status")
+        self._faults.append(ApiFault(status, path_contains, times))
+
+    def staged_fault(self, path: str) -> ApiError | None:
+        for fault in self._faults:
+            if fault.path_contains in path:
+                if fault.remaining is not None:
+                    fault.remaining -= 1
+                    if fault.remaining <= 0:
+                        self._faults.remove(fault)
+                return ApiError(fault.status, HTTPStatus(fault.status).phrase)
+        return None
 
     def drop_next(self, n: int = 1) -> None:
         self.webhooks.drop_next(n)
@@ -1297,12 +1331,14 @@ def _check_open(pr: Pull) -> None:
 # --- HTTP ----------------------------------------------------------------------------------
 
 
-def _error_json(request: web.Request, error: ApiError) -> web.Response:
+def _error_json(
+    request: web.Request, error: ApiError, headers: dict[str, str] | None = None
+) -> web.Response:
     body: dict[str, Any] = {"message": error.message, "url": f"{request.url.origin()}/api/swagger"}
     if error.status == 404:
         body["errors"] = [error.message]
     body.update(error.extra)
-    return web.json_response(body, status=error.status)
+    return web.json_response(body, status=error.status, headers=headers)
 
 
 def _credential(request: web.Request) -> tuple[str, str] | None:
@@ -1382,6 +1418,10 @@ class _Http:
 
     @web.middleware
     async def auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith(API_PREFIX) and (fault := self.gitea.staged_fault(request.path)):
+            if fault.status == 429:
+                return _error_json(request, fault, headers={"Retry-After": "1"})
+            raise fault
         if request.path.startswith(f"{API_PREFIX}/repos/"):
             credential = _credential(request)
             if credential is None:
