@@ -104,7 +104,7 @@ class _Reply:
 def verify_signature(secret: str, body: bytes, signature: str | None) -> bool:
     """Check X-Gitea-Signature: hex HMAC-SHA256 of the raw body (a `sha256=` prefix is
     accepted too, for X-Hub-Signature-256). An empty secret verifies nothing."""
-    if not secret or not signature:
+    if not secret or not signature or not signature.isascii():
         return False
     expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     given = signature.strip().lower().removeprefix("sha256=")

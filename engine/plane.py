@@ -103,7 +103,7 @@ def state_meaning(
 
 def verify_signature(secret: str, body: bytes, signature: str | None) -> bool:
     """Check X-Plane-Signature: hex HMAC-SHA256 of the raw body, compared in constant time."""
-    if not secret or not signature:
+    if not secret or not signature or not signature.isascii():
         return False
     expected = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected.encode("ascii"), signature.strip().encode("utf-8"))

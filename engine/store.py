@@ -378,14 +378,15 @@ class Store:
             await self._writer.execute("ROLLBACK")
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
-        assert self._reader is not None, "store is not open"
-        cursor = await self._reader.execute(sql, params)
-        return await cursor.fetchone()
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        """Every row, read in one step on the reader's thread. Reads that interleave on the
+        one reader connection (a cursor left open between awaits) share a read snapshot,
+        and a read could then miss a commit that finished before it began."""
         assert self._reader is not None, "store is not open"
-        cursor = await self._reader.execute(sql, params)
-        return list(await cursor.fetchall())
+        return list(await self._reader.execute_fetchall(sql, params))
 
     # --- tasks -----------------------------------------------------------------------------
 

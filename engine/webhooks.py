@@ -186,6 +186,18 @@ class _Waiting:
     future: asyncio.Future[int | None]
 
 
+def _storable(*texts: str | None) -> bool:
+    """Text SQLite can store: valid UTF-8 (a header's stray bytes or a JSON lone surrogate
+    would make the insert fail)."""
+    try:
+        for text in texts:
+            if text is not None:
+                text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _inserted_ids(batch: list[_Waiting], inserted: Iterable[Any]) -> list[int | None]:
     """The row id each delivery of a multi-row insert got, None for those that conflicted.
 
@@ -316,9 +328,11 @@ class WebhookIntake:
         try:
             payload = json.loads(body)
             envelope = source.envelope(request.headers, payload)
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, RecursionError) as error:
             return web.json_response({"error": f"bad payload: {error}"}, status=400)
         delivery_id = request.headers.get(source.delivery_header) or None
+        if not _storable(delivery_id, envelope.event, envelope.content_key):
+            return web.json_response({"error": "bad payload: text that is not UTF-8"}, status=400)
         row_id = await self.record(source.name, delivery_id, envelope, body)
         if row_id is not None:
             self._spawn(row_id)
@@ -349,26 +363,37 @@ class WebhookIntake:
             batch = self._waiting[:MAX_COMMIT_BATCH]
             del self._waiting[:MAX_COMMIT_BATCH]
             try:
-                async with self.store.tx() as conn:
-                    inserted = await conn.execute_fetchall(
-                        INSERT_DELIVERIES
-                        + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(batch))
-                        + " ON CONFLICT DO NOTHING RETURNING id, source, delivery_id, content_key",
-                        [value for waiting in batch for value in waiting.params],
-                    )
-            except Exception as error:  # nothing of the batch was committed: none is answered 200
-                for waiting in batch:
-                    if not waiting.future.done():
-                        waiting.future.set_exception(error)
-                continue
+                failed = await self._commit_batch(batch)
+                if failed is not None and len(batch) > 1:
+                    # one delivery the store refuses must not fail its neighbours: alone,
+                    # each of them succeeds or fails on its own
+                    for waiting in batch:
+                        await self._commit_batch([waiting])
             except BaseException:  # cancelled (shutting down): the waiting requests end too
                 for waiting in batch + self._waiting:
                     waiting.future.cancel()
                 self._waiting.clear()
                 raise
-            for waiting, row_id in zip(batch, _inserted_ids(batch, inserted), strict=True):
-                if not waiting.future.done():
-                    waiting.future.set_result(row_id)
+
+    async def _commit_batch(self, batch: list[_Waiting]) -> Exception | None:
+        """Insert the batch in one transaction and answer its callers; the error, if any,
+        is returned (a batch of one is answered with it; nothing of a failed batch is kept)."""
+        try:
+            async with self.store.tx() as conn:
+                inserted = await conn.execute_fetchall(
+                    INSERT_DELIVERIES
+                    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(batch))
+                    + " ON CONFLICT DO NOTHING RETURNING id, source, delivery_id, content_key",
+                    [value for waiting in batch for value in waiting.params],
+                )
+        except Exception as error:
+            if len(batch) == 1 and not batch[0].future.done():
+                batch[0].future.set_exception(error)
+            return error
+        for waiting, row_id in zip(batch, _inserted_ids(batch, inserted), strict=True):
+            if not waiting.future.done():
+                waiting.future.set_result(row_id)
+        return None
 
     def _spawn(self, row_id: int) -> None:
         task = asyncio.create_task(self.process(row_id), name=f"delivery-{row_id}")

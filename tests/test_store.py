@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -113,3 +114,24 @@ async def test_a_cancelled_transaction_leaves_the_store_usable(tmp_path: Path) -
         await store.set_setting("mode", "edit")  # would fail inside a leftover transaction
         assert await store.get_setting("mode") == "edit"
         assert await store.fetchall("SELECT * FROM runtime_settings WHERE key = 'k'") == []
+
+
+async def test_reads_of_one_row_of_many_never_hide_later_commits(tmp_path: Path) -> None:
+    async with Store(tmp_path / "c.db") as store:
+        for n in range(3):
+            await store.set_setting(f"seed{n}", n)
+        stop = asyncio.Event()
+
+        async def reader() -> None:  # reads one row of many, as lookups do
+            while not stop.is_set():
+                await store.fetchone("SELECT key FROM runtime_settings")
+
+        readers = [asyncio.create_task(reader()) for _ in range(2)]
+        unseen = 0
+        for n in range(200):
+            await store.set_setting(f"k{n}", n)
+            row = await store.fetchone("SELECT 1 FROM runtime_settings WHERE key = ?", (f"k{n}",))
+            unseen += row is None
+        stop.set()
+        await asyncio.gather(*readers)
+        assert unseen == 0

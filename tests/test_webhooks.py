@@ -486,6 +486,51 @@ async def test_bad_requests_change_nothing(board: Board) -> None:
     assert await board.engine.store.list_tasks() == []
 
 
+async def raw_post(board: Board, path: str, headers: list[bytes], body: bytes) -> int:
+    """POST with header bytes as given (not even UTF-8); the answer's status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", board.port)
+    head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    head.append(f"Content-Length: {len(body)}")
+    writer.write("\r\n".join(head).encode() + b"\r\n" + b"\r\n".join(headers))
+    writer.write(b"\r\n\r\n" + body)
+    await writer.drain()
+    status = (await reader.readline()).split()[1]
+    writer.close()
+    await writer.wait_closed()
+    return int(status)
+
+
+async def test_hostile_bytes_are_refused_and_never_fail_a_neighbour(board: Board) -> None:
+    recorded = len(await board.engine.store.fetchall("SELECT id FROM webhook_deliveries"))
+    body = b'{"event": "issue"}'
+    for name in (b"X-Plane-Signature", b"X-Gitea-Signature"):
+        source = "plane" if b"Plane" in name else "gitea"
+        status = await raw_post(board, f"/webhooks/{source}", [name + b": \xe9\xff"], body)
+        assert status == 401
+    nested = b"[" * 5000 + b"]" * 5000
+    assert (await board.post("plane", nested, plane_headers(nested)))[0] == 400
+
+    def push(after: str) -> bytes:
+        payload = {
+            "ref": "refs/heads/feature/x",
+            "before": "0" * 40,
+            "after": after,
+            "repository": {"full_name": "team/app"},
+        }
+        return json.dumps(payload).encode()
+
+    poison = push("\udfff")  # a lone surrogate: JSON allows it, SQLite text does not
+    good = [push(f"{n:040x}") for n in range(20)]
+    answers = await asyncio.gather(
+        board.post("gitea", poison, gitea_headers(poison, "push")),
+        *(board.post("gitea", b, gitea_headers(b, "push")) for b in good),
+    )
+    assert answers[0][0] == 400
+    assert [status for status, _ in answers[1:]] == [200] * 20
+    rows = await board.engine.store.fetchall("SELECT id FROM webhook_deliveries")
+    assert len(rows) == recorded + 20
+
+
 def plane_update(project: str, data: Any = None, activity: Any = None) -> dict:
     """A well-shaped Plane state change; `data` and `activity` entries override its own."""
     base_data = {"id": "i-1", "project": project, "state": {"id": "s", "name": "Todo"}}
