@@ -84,7 +84,7 @@ AGENT_STATE = "agent-state"
 ACTIVE_JOBS = "SELECT COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running')"
 # Besides the board's: the PR-merged webhook can arrive between the forge merge and the
 # `done` transition; the deploy stage then lets go of its merge lease (no state change).
-EXPECTED = frozenset(INTENDED) | TOLERATED | {("lease_released", "deploy/active", "deploy/active")}
+EXPECTED = frozenset(INTENDED) | TOLERATED
 
 
 # --- the fork server ------------------------------------------------------------------------
