@@ -35,6 +35,7 @@ class GateVerdict(StrEnum):
     PASS = "pass"
     FAIL = "fail"
     NEEDS_INPUT = "needs_input"
+    WAIT = "wait"  # could not be judged now (a remote did not answer): ask again later
 
 
 @dataclass(frozen=True)

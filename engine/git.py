@@ -86,6 +86,7 @@ class RebaseResult:
     main: str | None = None
     conflict_files: tuple[str, ...] = ()
     error: str | None = None
+    transient: bool = False  # the remote could not be reached: try again later
 
 
 def slugify(title: str, limit: int = 40) -> str:
@@ -208,6 +209,7 @@ class GitWorkspace:
         # Worktrees this process has checked: a later job skips the git checks (three
         # subprocesses per job) while the worktree is still plainly on its branch.
         self._verified: set[tuple[Path, str]] = set()
+        self._common_dirs: dict[Path, Path] = {}
 
     def repo_dir(self, project: str) -> Path:
         return self.workdir / "repos" / f"{_safe_name('project', project)}.git"
@@ -299,9 +301,27 @@ class GitWorkspace:
             raise GitError(f"no HEAD commit in {worktree}")
         return sha
 
+    async def _shared_refs(self, worktree: Path) -> asyncio.Lock:
+        """The lock of the repository whose refs the worktree shares (fetches and pushes
+        both write its remote-tracking refs)."""
+        common = self._common_dirs.get(worktree)
+        if common is None:
+            found = await run_git("rev-parse", "--git-common-dir", cwd=worktree)
+            if not found.ok:
+                return self._lock(worktree)
+            common = self._common_dirs[worktree] = (worktree / found.out.strip()).resolve()
+        return self._lock(common)
+
     async def push_branch(self, worktree: Path, branch: str) -> GitResult:
         ref = f"refs/heads/{branch}"
-        res = await run_git(
+        async with await self._shared_refs(worktree):
+            res = await self._push_branch(worktree, ref)
+        if not res.ok:
+            log.warning("push of %s failed: %s", branch, _tail(res.err))
+        return res
+
+    async def _push_branch(self, worktree: Path, ref: str) -> GitResult:
+        return await run_git(
             "push",
             "--quiet",
             "--set-upstream",
@@ -310,9 +330,6 @@ class GitWorkspace:
             cwd=worktree,
             timeout_s=NETWORK_TIMEOUT_S,
         )
-        if not res.ok:
-            log.warning("push of %s failed: %s", branch, _tail(res.err))
-        return res
 
     async def merge_to_main(
         self,
@@ -377,14 +394,15 @@ class GitWorkspace:
         sha = await _rev(worktree, "HEAD")
         if sha == base:  # already merged (a rerun after a successful push)
             return MergeResult(ok=True, sha=base)
-        pushed = await run_git(
-            "push",
-            "--quiet",
-            "origin",
-            f"HEAD:refs/heads/{main_branch}",
-            cwd=worktree,
-            timeout_s=NETWORK_TIMEOUT_S,
-        )
+        async with await self._shared_refs(worktree):
+            pushed = await run_git(
+                "push",
+                "--quiet",
+                "origin",
+                f"HEAD:refs/heads/{main_branch}",
+                cwd=worktree,
+                timeout_s=NETWORK_TIMEOUT_S,
+            )
         if pushed.ok:
             return MergeResult(ok=True, sha=sha)
         await self._fetch_worktree(worktree)
@@ -396,7 +414,8 @@ class GitWorkspace:
         """Bring the task branch onto the remote's current main, in the task's own worktree."""
         fetched = await self._fetch_worktree(worktree)
         if not fetched.ok:
-            return RebaseResult(ok=False, error=f"fetch failed: {_tail(fetched.err)}")
+            error = f"fetch failed: {_tail(fetched.err)}"
+            return RebaseResult(ok=False, error=error, transient=True)
         main = await _rev(worktree, f"refs/remotes/origin/{main_branch}")
         if main is None:
             return RebaseResult(ok=False, error=f"branch {main_branch} not found on the remote")
@@ -418,15 +437,16 @@ class GitWorkspace:
     ) -> GitResult:
         """Push a rebased task branch, only over the head we last saw there (never main)."""
         lease = f"--force-with-lease=refs/heads/{branch}:{expected or ''}"
-        return await run_git(
-            "push",
-            "--quiet",
-            lease,
-            "origin",
-            f"HEAD:refs/heads/{branch}",
-            cwd=worktree,
-            timeout_s=NETWORK_TIMEOUT_S,
-        )
+        async with await self._shared_refs(worktree):
+            return await run_git(
+                "push",
+                "--quiet",
+                lease,
+                "origin",
+                f"HEAD:refs/heads/{branch}",
+                cwd=worktree,
+                timeout_s=NETWORK_TIMEOUT_S,
+            )
 
     async def remote_head(self, worktree: Path, branch: str) -> str | None:
         """The branch's head on the remote as last fetched; None when it is not there."""
@@ -444,10 +464,7 @@ class GitWorkspace:
         return shown.out if shown.ok else None
 
     async def _fetch_worktree(self, worktree: Path) -> GitResult:
-        common = await run_git("rev-parse", "--git-common-dir", cwd=worktree)
-        if not common.ok:
-            return common
-        async with self._lock(worktree / common.out.strip()):
+        async with await self._shared_refs(worktree):
             return await _fetch(worktree)
 
     async def remove_worktree(self, project: str, work_item: str) -> None:
@@ -526,10 +543,20 @@ def _same_path(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
+REF_LOCK_RETRIES = 3
+
+
 async def _fetch(cwd: Path) -> GitResult:
-    return await run_git(
-        "fetch", "--quiet", "--prune", "origin", cwd=cwd, timeout_s=NETWORK_TIMEOUT_S
-    )
+    """Fetch origin; again when a ref was locked by another git process (an agent's own
+    fetch or push in its worktree shares the refs of the one repository)."""
+    for attempt in range(REF_LOCK_RETRIES + 1):
+        res = await run_git(
+            "fetch", "--quiet", "--prune", "origin", cwd=cwd, timeout_s=NETWORK_TIMEOUT_S
+        )
+        if res.ok or "cannot lock ref" not in res.err or attempt == REF_LOCK_RETRIES:
+            return res
+        await asyncio.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 async def _check_branch_name(branch: str) -> None:

@@ -115,6 +115,8 @@ class MergeGate:
     async def validate(self, project: ProjectConfig, task: Task, worktree: Path) -> GateResult:
         """Rebase onto the current main, push the task branch, run the check on the result."""
         rebase = await self.git.rebase_onto_main(worktree, task.branch, project.main_branch)
+        if rebase.transient:
+            return GateResult(GateVerdict.WAIT, rebase.error or "the remote did not answer")
         if not rebase.ok:
             files = "\n".join(rebase.conflict_files)
             must_fix = (

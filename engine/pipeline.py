@@ -302,9 +302,14 @@ class Pipeline:
         if self.merge_gate.applies(project):
             lease = await self.merge_gate.acquire(project, task)
             if not lease.acquired:
-                await self._defer(job, task, lease.holder)
+                await self._defer(
+                    job, task, f"waiting for the merge lease (held by task {lease.holder})"
+                )
                 return
             validated = await self.merge_gate.validate(project, task, worktree)
+            if validated.verdict is GateVerdict.WAIT:
+                await self._defer(job, task, f"merge gate waits: {validated.reason}")
+                return
             if not validated.passed:
                 await self._rollback(job, task, validated)
                 return
@@ -333,9 +338,9 @@ class Pipeline:
         (a failed deployer's retry, or a lease reclaimed as stale, sends it back)."""
         return not self.merge_gate.applies(project) or await self.merge_gate.holds(project, task)
 
-    async def _defer(self, job: Job, task: Task, holder: int) -> None:
-        """The lease is busy: come back later without holding a worker slot."""
-        reason = f"waiting for the merge lease (held by task {holder})"
+    async def _defer(self, job: Job, task: Task, reason: str) -> None:
+        """The lease is busy or the remote did not answer: come back later without holding
+        a worker slot."""
         if job.claims >= MAX_LEASE_DEFERRALS:
             await self._fail_task(job, task, f"{reason} for too long")
             return

@@ -13,6 +13,7 @@ import aiohttp
 from chaos.crashes import Sandboxes, as_env, end_agents
 from chaos.harness import Conveyor, conveyor_env, free_port, merge_commits
 from chaos.harness import wait_until as poll_until
+from engine.gates import GateVerdict
 from engine.runtime import Engine
 from engine.stages import Stage, Status
 from engine.store import Store
@@ -197,3 +198,23 @@ async def test_conveyor_killed_right_after_its_merge_resumes_at_the_merge(tmp_pa
         if store is not None:
             await store.close()
         await boxes.close()
+
+
+async def test_a_remote_that_does_not_answer_makes_the_merge_gate_wait_not_fail(
+    make_settings, agent_env, remote: Path, tmp_path: Path
+) -> None:
+    engine = Engine(make_settings(), RecordingNotifier())
+    async with engine:
+        task = (await engine.pipeline.start_task("ORCH", "Gate", "Wait.", "w", 1)).task
+        project = engine.settings.project("ORCH")
+        worktree = await engine.git.ensure_worktree(
+            "ORCH", str(remote), "main", task.branch, task.work_item
+        )
+        away = remote.with_name("away.git")
+        remote.rename(away)  # the remote is down for a while
+        try:
+            waiting = await engine.pipeline.merge_gate.validate(project, task, worktree)
+        finally:
+            away.rename(remote)
+        assert waiting.verdict is GateVerdict.WAIT and "fetch failed" in waiting.reason
+        assert (await engine.pipeline.merge_gate.validate(project, task, worktree)).passed
