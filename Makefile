@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/conveyor demo
 
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -n 2
+	$(BIN)/python -m pytest -n 4
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
