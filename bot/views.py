@@ -9,7 +9,7 @@ from markupsafe import Markup
 
 from bot.cards import CARD_TEXT_BUDGET, TELEGRAM_TEXT_LIMIT, CardRenderer, clock
 from bot.texts import Texts
-from engine.api import RECONCILER_TICK_SETTING
+from engine.reconciler import TICK_SETTING
 from engine.stages import FINISHED, STAGES
 from engine.store import Store, Task, now
 
@@ -51,7 +51,7 @@ async def queue_text(store: Store, texts: Texts) -> str:
     order = {spec.stage.value: i for i, spec in enumerate(STAGES)}
     tasks.sort(key=lambda t: (order[t.stage], t.id))
     jobs = await store.active_jobs()
-    tick = await store.get_setting(RECONCILER_TICK_SETTING)
+    tick = await store.get_setting(TICK_SETTING)
     at = now()
 
     def render(shown: int) -> str:

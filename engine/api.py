@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from engine.metrics import COUNTERS, format_labels
+from engine.reconciler import TICK_SETTING
 from engine.store import Store, Task, now
 from engine.summary import task_figures
 
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
     from engine.runtime import Engine
 
 ENGINE_KEY = web.AppKey("engine", object)
-RECONCILER_TICK_SETTING = "reconciler_last_tick"
 
 
 def iso(ts: float | None) -> str | None:
@@ -82,9 +82,7 @@ async def healthz(request: web.Request) -> web.Response:
     except Exception as error:  # the answer is the health report, whatever broke
         checks["store"] = f"unreachable: {type(error).__name__}"
     checks["worker"] = engine.worker_alive()
-    tick = (
-        await engine.store.get_setting(RECONCILER_TICK_SETTING) if checks["store"] is True else None
-    )
+    tick = await engine.store.get_setting(TICK_SETTING) if checks["store"] is True else None
     checks["reconciler_last_tick"] = iso(tick["at"]) if tick else None
     healthy = checks["store"] is True and checks["worker"] is True
     return web.json_response({"ok": healthy, **checks}, status=200 if healthy else 503)

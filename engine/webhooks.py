@@ -282,6 +282,8 @@ class WebhookIntake:
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: list[_Waiting] = []
         self._committer: asyncio.Task[None] | None = None
+        self._marks: list[tuple[float, str, int]] = []
+        self._marker: asyncio.Task[None] | None = None
         self.handlers: dict[str, Callable[[dict], Awaitable[str]]] = {
             "issue.state": self._plane_state,
             "status": self._gitea_status,
@@ -335,7 +337,7 @@ class WebhookIntake:
             return web.json_response({"error": "bad payload: text that is not UTF-8"}, status=400)
         row_id = await self.record(source.name, delivery_id, envelope, body)
         if row_id is not None:
-            self._spawn(row_id)
+            self._spawn(row_id, source.name, envelope.event, payload)
         return web.json_response({"ok": True, "duplicate": row_id is None})
 
     async def record(
@@ -395,8 +397,10 @@ class WebhookIntake:
                 waiting.future.set_result(row_id)
         return None
 
-    def _spawn(self, row_id: int) -> None:
-        task = asyncio.create_task(self.process(row_id), name=f"delivery-{row_id}")
+    def _spawn(self, row_id: int, source: str, event: str, payload: Any) -> None:
+        task = asyncio.create_task(
+            self._process(row_id, source, event, payload), name=f"delivery-{row_id}"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -414,32 +418,49 @@ class WebhookIntake:
         return len(rows)
 
     async def process(self, row_id: int) -> None:
+        """Process a recorded delivery, read back from the store."""
         row = await self.store.fetchone(
             "SELECT source, event, payload FROM webhook_deliveries WHERE id = ?", (row_id,)
         )
-        payload = json.loads(row["payload"])
-        handler = self.handlers.get(row["event"])
+        await self._process(row_id, row["source"], row["event"], json.loads(row["payload"]))
+
+    async def _process(self, row_id: int, source_name: str, event: str, payload: Any) -> None:
+        handler = self.handlers.get(event)
         try:
             outcome = await handler(payload) if handler else IGNORED
         except Exception:
-            log.exception("processing %s delivery %s failed", row["source"], row_id)
+            log.exception("processing %s delivery %s failed", source_name, row_id)
             outcome = "error"
         if outcome not in ACTED:
-            source = SOURCES[row["source"]]
+            source = SOURCES[source_name]
             why = "Conveyor does not act on this event" if handler is None else outcome
             log.info(
                 "%s webhook %s (delivery %s, %s) not acted on: %s",
                 source.name,
-                row["event"],
+                event,
                 row_id,
                 source.subject(payload),
                 why,
             )
-        async with self.store.tx() as conn:
-            await conn.execute(
-                "UPDATE webhook_deliveries SET processed_at = ?, outcome = ? WHERE id = ?",
-                (now(), outcome, row_id),
-            )
+        await self._mark_processed(row_id, outcome)
+
+    async def _mark_processed(self, row_id: int, outcome: str) -> None:
+        """Record the outcome; marks that come together share one transaction. A mark lost
+        in a crash only means the delivery is processed again at start, which is safe:
+        processing is idempotent on content."""
+        self._marks.append((now(), outcome, row_id))
+        if self._marker is None or self._marker.done():
+            self._marker = asyncio.create_task(self._write_marks(), name="delivery-marks")
+        await asyncio.shield(self._marker)
+
+    async def _write_marks(self) -> None:
+        while self._marks:
+            marks, self._marks = self._marks, []
+            async with self.store.tx() as conn:
+                await conn.executemany(
+                    "UPDATE webhook_deliveries SET processed_at = ?, outcome = ? WHERE id = ?",
+                    marks,
+                )
 
     # --- Plane ---------------------------------------------------------------------------
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from chaos.harness import Stack, plane_headers, state_change
 from engine.stages import Status
 from tests.test_reconciler_bounce import (
+    awaiting_approval_on_the_board,
     lose_a_green_status,
     resting,
     running_stack,
-    task_of,
     to_development_waiting_for_ci,
 )
 
@@ -25,18 +25,6 @@ async def move_losing_the_webhook(stack: Stack, issue_id: str, state: str) -> No
     stack.plane.drop_next(1)
     stack.move(issue_id, state)
     await stack.settle()
-
-
-async def awaiting_approval_on_the_board(
-    stack: Stack, name: str = "Add a greeting"
-) -> tuple[dict, int]:
-    issue = stack.issue(name)
-    stack.move(issue["id"], "In Progress")
-    task = await task_of(stack, issue["id"])
-    await resting(stack, task.id, Status.AWAITING_APPROVAL)
-    await stack.settle()
-    assert stack.plane.state_name(issue["id"]) == "In Review"
-    return issue, task.id
 
 
 async def test_with_the_tracker_side_off_the_board_is_not_replayed_but_gates_are(

@@ -119,19 +119,27 @@ async def resting(stack: Stack, task_id: int, *statuses: str, stage: str | None 
     return await asyncio.wait_for(rests(), HANG_GUARD_S)
 
 
-async def to_development_waiting_for_ci(
+async def awaiting_approval_on_the_board(
     stack: Stack, name: str = "Add a greeting"
 ) -> tuple[dict, int]:
-    """An issue started and approved on the board, its task idle in development."""
     issue = stack.issue(name)
     stack.move(issue["id"], "In Progress")
     task = await task_of(stack, issue["id"])
     await resting(stack, task.id, Status.AWAITING_APPROVAL)
     await stack.settle()
-    stack.move(issue["id"], "Approved")
-    await resting(stack, task.id, Status.ACTIVE, stage=Stage.DEVELOPMENT)
-    await stack.settle()
+    assert stack.plane.state_name(issue["id"]) == "In Review"
     return issue, task.id
+
+
+async def to_development_waiting_for_ci(
+    stack: Stack, name: str = "Add a greeting"
+) -> tuple[dict, int]:
+    """An issue started and approved on the board, its task idle in development."""
+    issue, task_id = await awaiting_approval_on_the_board(stack, name)
+    stack.move(issue["id"], "Approved")
+    await resting(stack, task_id, Status.ACTIVE, stage=Stage.DEVELOPMENT)
+    await stack.settle()
+    return issue, task_id
 
 
 async def lose_a_green_status(stack: Stack, task_id: int) -> None:
