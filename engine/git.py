@@ -286,12 +286,10 @@ class GitWorkspace:
         if not added.ok:
             log.warning("git add failed in %s: %s", worktree, _tail(added.err))
             return None
-        staged = await run_git("diff", "--cached", "--quiet", cwd=worktree)
-        if staged.code == 0:
-            return None
         res = await run_git("commit", "--quiet", "--no-verify", "-m", message, cwd=worktree)
         if not res.ok:
-            log.warning("git commit failed in %s: %s", worktree, _tail(res.err or res.out))
+            if "nothing to commit" not in res.out and "nothing added to commit" not in res.out:
+                log.warning("git commit failed in %s: %s", worktree, _tail(res.err or res.out))
             return None
         return await self.head_sha(worktree)
 

@@ -44,6 +44,7 @@ INSERT_DELIVERIES = (
     " payload) VALUES "
 )
 MAX_COMMIT_BATCH = 500  # deliveries committed in one transaction at most
+MARK_COALESCE_S = 0.05  # outcome marks wait this long to share a transaction
 # processing outcomes that changed something; any other is logged with its reason
 ACTED = frozenset(
     {"started", "answers given", "approved", "rejected", "advanced", "done", "lease released"}
@@ -81,12 +82,13 @@ def _typed(payload: Any, *path: str, kind: type | tuple[type, ...] = str) -> Any
 
 def _optional(payload: Any, *path: str, kind: type | tuple[type, ...] = str) -> Any:
     """Like `_typed`, but a missing key or null is None."""
-    try:
-        if _get(payload, *path) is None:
+    value = payload
+    for key in path:
+        if not isinstance(value, dict) or (value := value.get(key)) is None:
             return None
-    except BadPayload:
-        return None
-    return _typed(payload, *path, kind=kind)
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
+        raise BadPayload(f"{'.'.join(path)} is not {_names(kind)}")
+    return value
 
 
 def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -405,8 +407,11 @@ class WebhookIntake:
         task.add_done_callback(self._tasks.discard)
 
     async def idle(self) -> None:
-        while self._tasks:
+        """Wait until every delivery received so far is processed and marked."""
+        while self._tasks or (self._marker is not None and not self._marker.done()):
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            if self._marker is not None:
+                await asyncio.gather(self._marker, return_exceptions=True)
 
     async def process_pending(self) -> int:
         """Process deliveries recorded but not processed (the process stopped in between)."""
@@ -431,7 +436,7 @@ class WebhookIntake:
         except Exception:
             log.exception("processing %s delivery %s failed", source_name, row_id)
             outcome = "error"
-        if outcome not in ACTED:
+        if outcome not in ACTED and log.isEnabledFor(logging.INFO):
             source = SOURCES[source_name]
             why = "Conveyor does not act on this event" if handler is None else outcome
             log.info(
@@ -445,16 +450,17 @@ class WebhookIntake:
         await self._mark_processed(row_id, outcome)
 
     async def _mark_processed(self, row_id: int, outcome: str) -> None:
-        """Record the outcome; marks that come together share one transaction. A mark lost
-        in a crash only means the delivery is processed again at start, which is safe:
-        processing is idempotent on content."""
+        """Record the outcome soon, with the marks of the deliveries processed meanwhile, in
+        one transaction: they leave the writer free for deliveries, whose answers wait for
+        their commit. A mark lost in a crash only means the delivery is processed again at
+        start, which is safe: processing is idempotent on content."""
         self._marks.append((now(), outcome, row_id))
         if self._marker is None or self._marker.done():
             self._marker = asyncio.create_task(self._write_marks(), name="delivery-marks")
-        await asyncio.shield(self._marker)
 
     async def _write_marks(self) -> None:
         while self._marks:
+            await asyncio.sleep(MARK_COALESCE_S)
             marks, self._marks = self._marks, []
             async with self.store.tx() as conn:
                 await conn.executemany(
