@@ -194,9 +194,12 @@ async def _current_branch(worktree: Path) -> str | None:
 
 
 async def _back_to_branch(worktree: Path, branch: str) -> GitResult:
-    """Leave whatever detached state a merge left behind and check out `branch` again."""
+    """Leave whatever a merge or a rebase cut off by a crash left behind and check out
+    `branch` again (an unfinished rebase has not moved the branch yet)."""
     if await _rev(worktree, "MERGE_HEAD"):
         await run_git("merge", "--abort", cwd=worktree)
+    if _rebase_under_way(worktree):
+        await run_git("rebase", "--abort", cwd=worktree)
     return await run_git("checkout", "-q", branch, "--", cwd=worktree)
 
 
@@ -417,6 +420,8 @@ class GitWorkspace:
         main = await _rev(worktree, f"refs/remotes/origin/{main_branch}")
         if main is None:
             return RebaseResult(ok=False, error=f"branch {main_branch} not found on the remote")
+        if _rebase_under_way(worktree):  # a run cut off mid-rebase: start it over
+            await _back_to_branch(worktree, branch)
         if await _is_ancestor(worktree, main, "HEAD"):
             return RebaseResult(ok=True, head=await _rev(worktree, "HEAD"), main=main)
         rebased = await run_git("rebase", "--no-autostash", main, cwd=worktree)
@@ -522,18 +527,34 @@ async def _is_worktree(path: Path) -> bool:
     return res.ok and _same_path(Path(res.out.strip()), path)
 
 
-def _plainly_on_branch(worktree: Path, branch: str) -> bool:
-    """The worktree's HEAD names `branch` and no merge or rebase is under way, read from
-    its files (gitrepository-layout) rather than by starting git."""
+def _worktree_gitdir(worktree: Path) -> Path | None:
+    """The worktree's own git directory, from its `.git` file (gitrepository-layout)."""
     try:
         pointer = (worktree / ".git").read_text(encoding="utf-8").strip()
-        if not pointer.startswith("gitdir:"):
-            return False
-        gitdir = worktree / pointer.removeprefix("gitdir:").strip()
-        head = (gitdir / "HEAD").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not pointer.startswith("gitdir:"):
+        return None
+    return worktree / pointer.removeprefix("gitdir:").strip()
+
+
+def _rebase_under_way(worktree: Path) -> bool:
+    gitdir = _worktree_gitdir(worktree)
+    return gitdir is not None and any((gitdir / n).exists() for n in REBASE_DIRS)
+
+
+REBASE_DIRS = ("rebase-merge", "rebase-apply")
+
+
+def _plainly_on_branch(worktree: Path, branch: str) -> bool:
+    """The worktree's HEAD names `branch` and no merge or rebase is under way, read from
+    its files rather than by starting git."""
+    gitdir = _worktree_gitdir(worktree)
+    try:
+        head = (gitdir / "HEAD").read_text(encoding="utf-8").strip() if gitdir else ""
     except (OSError, UnicodeDecodeError):
         return False
-    busy = ("MERGE_HEAD", "rebase-merge", "rebase-apply", "CHERRY_PICK_HEAD")
+    busy = ("MERGE_HEAD", "CHERRY_PICK_HEAD", *REBASE_DIRS)
     return head == f"ref: refs/heads/{branch}" and not any((gitdir / n).exists() for n in busy)
 
 

@@ -218,3 +218,42 @@ async def test_a_remote_that_does_not_answer_makes_the_merge_gate_wait_not_fail(
             away.rename(remote)
         assert waiting.verdict is GateVerdict.WAIT and "fetch failed" in waiting.reason
         assert (await engine.pipeline.merge_gate.validate(project, task, worktree)).passed
+
+
+async def test_a_merge_gate_cut_off_mid_rebase_starts_the_rebase_over(
+    make_settings, agent_env, remote: Path, tmp_path: Path
+) -> None:
+    engine = Engine(make_settings(), RecordingNotifier())
+    async with engine:
+        task = (await engine.pipeline.start_task("ORCH", "Gate", "Rebase.", "r", 1)).task
+        project = engine.settings.project("ORCH")
+        worktree = await engine.git.ensure_worktree(
+            "ORCH", str(remote), "main", task.branch, task.work_item
+        )
+        (worktree / "feature.txt").write_text("feature\n")
+        await engine.git.commit_all(worktree, "feature")
+        assert (await engine.git.push_branch(worktree, task.branch)).ok
+        other = tmp_path / "other"
+        git(tmp_path, "clone", "-q", str(remote), str(other))
+        (other / "other.txt").write_text("other\n")
+        git(other, "add", "other.txt")
+        git(other, "commit", "-q", "-m", "other")
+        git(other, "push", "-q", "origin", "HEAD:main")
+        git(worktree, "fetch", "-q", "origin")
+        # the process died in the middle of the rebase: it stopped after its first step
+        stopped = subprocess.run(
+            ["git", "rebase", "-q", "--exec", "false", "origin/main"],
+            cwd=worktree,
+            capture_output=True,
+        )
+        assert stopped.returncode != 0 and (worktree / "feature.txt").exists()
+
+        worktree = await engine.git.ensure_worktree(
+            "ORCH", str(remote), "main", task.branch, task.work_item
+        )
+        result = await engine.pipeline.merge_gate.validate(project, task, worktree)
+
+        assert result.passed, result.reason
+        assert "rebased onto main" in result.reason
+        assert git(worktree, "symbolic-ref", "--short", "HEAD") == task.branch
+        assert git(remote, "rev-parse", f"refs/heads/{task.branch}") == result.report
