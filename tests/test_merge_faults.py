@@ -16,7 +16,7 @@ from chaos.harness import wait_until as poll_until
 from engine.gates import GateVerdict
 from engine.runtime import Engine
 from engine.stages import Stage, Status
-from engine.store import Store
+from engine.store import Store, Task
 from tests.conftest import HANG_GUARD_S, RecordingNotifier
 from tests.test_console_run import wait_until
 from tests.test_webhooks import open_board
@@ -104,29 +104,34 @@ def git(cwd: Path, *args: str) -> str:
     ).stdout.strip()
 
 
+async def branch_behind_main(engine: Engine, remote: Path, tmp_path: Path) -> tuple[Task, Path]:
+    """A task whose pushed branch has one commit while main moved on by another."""
+    task = (await engine.pipeline.start_task("ORCH", "Gate", "Rebase me.", "g", 1)).task
+    worktree = await engine.git.ensure_worktree(
+        "ORCH", str(remote), "main", task.branch, task.work_item
+    )
+    (worktree / "feature.txt").write_text("feature\n")
+    await engine.git.commit_all(worktree, "feature")
+    assert (await engine.git.push_branch(worktree, task.branch)).ok
+    other = tmp_path / "other"
+    git(tmp_path, "clone", "-q", str(remote), str(other))
+    (other / "other.txt").write_text("other\n")
+    git(other, "add", "other.txt")
+    git(other, "commit", "-q", "-m", "other")
+    git(other, "push", "-q", "origin", "HEAD:main")
+    git(worktree, "fetch", "-q", "origin")
+    return task, worktree
+
+
 async def test_a_merge_gate_cut_off_after_its_rebase_pushes_on_the_rerun(
     make_settings, agent_env, remote: Path, tmp_path: Path
 ) -> None:
     engine = Engine(make_settings(), RecordingNotifier())
     async with engine:
-        outcome = await engine.pipeline.start_task("ORCH", "Gate", "Rebase me.", "g", 1)
-        task = outcome.task
+        task, worktree = await branch_behind_main(engine, remote, tmp_path)
         project = engine.settings.project("ORCH")
-        worktree = await engine.git.ensure_worktree(
-            "ORCH", str(remote), "main", task.branch, task.work_item
-        )
-        (worktree / "feature.txt").write_text("feature\n")
-        await engine.git.commit_all(worktree, "feature")
-        assert (await engine.git.push_branch(worktree, task.branch)).ok
         pushed = git(worktree, "rev-parse", "HEAD")
-        other = tmp_path / "other"  # main moves on
-        git(tmp_path, "clone", "-q", str(remote), str(other))
-        (other / "other.txt").write_text("other\n")
-        git(other, "add", "other.txt")
-        git(other, "commit", "-q", "-m", "other")
-        git(other, "push", "-q", "origin", "HEAD:main")
         # the first run rebased the worktree and was cut off before it pushed
-        git(worktree, "fetch", "-q", "origin")
         git(worktree, "rebase", "-q", "origin/main")
         rebased = git(worktree, "rev-parse", "HEAD")
         assert rebased != pushed
@@ -225,21 +230,8 @@ async def test_a_merge_gate_cut_off_mid_rebase_starts_the_rebase_over(
 ) -> None:
     engine = Engine(make_settings(), RecordingNotifier())
     async with engine:
-        task = (await engine.pipeline.start_task("ORCH", "Gate", "Rebase.", "r", 1)).task
+        task, worktree = await branch_behind_main(engine, remote, tmp_path)
         project = engine.settings.project("ORCH")
-        worktree = await engine.git.ensure_worktree(
-            "ORCH", str(remote), "main", task.branch, task.work_item
-        )
-        (worktree / "feature.txt").write_text("feature\n")
-        await engine.git.commit_all(worktree, "feature")
-        assert (await engine.git.push_branch(worktree, task.branch)).ok
-        other = tmp_path / "other"
-        git(tmp_path, "clone", "-q", str(remote), str(other))
-        (other / "other.txt").write_text("other\n")
-        git(other, "add", "other.txt")
-        git(other, "commit", "-q", "-m", "other")
-        git(other, "push", "-q", "origin", "HEAD:main")
-        git(worktree, "fetch", "-q", "origin")
         # the process died in the middle of the rebase: it stopped after its first step
         stopped = subprocess.run(
             ["git", "rebase", "-q", "--exec", "false", "origin/main"],
