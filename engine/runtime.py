@@ -130,10 +130,10 @@ class Engine:
         webhook or the reconciler) is settled too: nothing inside the engine moves it.
         """
         while True:
-            task = await self.store.get_task(task_id)
-            assert task is not None
-            waiting = task.status in statuses or (idle_active and task.status == Status.ACTIVE)
-            if waiting and not await self.has_active_job(task_id):
+            task = await self.store.resting_task(task_id)
+            if task is not None and (
+                task.status in statuses or (idle_active and task.status == Status.ACTIVE)
+            ):
                 return task
             await asyncio.sleep(0.05)
 

@@ -420,6 +420,17 @@ class Store:
             )
         return [_build(Task, row) for row in rows]
 
+    async def resting_task(self, task_id: int) -> Task | None:
+        """The task while it has no queued or running job, else None; one statement, so the
+        row and the jobs are read in one snapshot (a transition that finishes a job and
+        moves the task in between cannot be half seen)."""
+        row = await self.fetchone(
+            "SELECT * FROM tasks WHERE id = ? AND NOT EXISTS (SELECT 1 FROM jobs"
+            " WHERE jobs.task_id = tasks.id AND jobs.state IN ('queued', 'running'))",
+            (task_id,),
+        )
+        return _build(Task, row)
+
     async def has_active_job(self, task_id: int) -> bool:
         row = await self.fetchone(
             "SELECT 1 FROM jobs WHERE task_id = ? AND state IN ('queued', 'running')", (task_id,)

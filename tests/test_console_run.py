@@ -194,9 +194,8 @@ def console_settings(make_settings, sandbox: TelegramSandbox, **overrides) -> Se
 
 async def until(engine: Engine, task_id: int, *statuses: str) -> Task:
     async def settled():
-        task = await engine.store.get_task(task_id)
-        in_status = task.status in statuses and not await engine.has_active_job(task_id)
-        return in_status and task
+        task = await engine.store.resting_task(task_id)
+        return task if task is not None and task.status in statuses else None
 
     return await wait_until(settled, f"task {task_id} to reach {statuses}")
 

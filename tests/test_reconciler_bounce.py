@@ -110,9 +110,8 @@ async def resting(stack: Stack, task_id: int, *statuses: str, stage: str | None 
 
     async def rests() -> Task:
         while True:
-            task = await stack.engine.store.get_task(task_id)
-            idle = not await stack.engine.has_active_job(task_id)
-            if idle and task.status in statuses and stage in (None, task.stage):
+            task = await stack.engine.store.resting_task(task_id)
+            if task is not None and task.status in statuses and stage in (None, task.stage):
                 return task
             await asyncio.sleep(0.05)
 

@@ -135,3 +135,16 @@ async def test_reads_of_one_row_of_many_never_hide_later_commits(tmp_path: Path)
         stop.set()
         await asyncio.gather(*readers)
         assert unseen == 0
+
+
+async def test_a_task_rests_only_when_no_job_is_queued_or_running(tmp_path: Path) -> None:
+    async with Store(tmp_path / "db.sqlite") as store:
+        async with store.tx() as conn:
+            task_id = await _task(conn, "issue-1", "P-001", "b1")
+            await jobs.enqueue(conn, task_id, "analysis")
+        assert await store.resting_task(task_id) is None
+        job = await jobs.JobQueue(store, lease_s=30).claim("worker")
+        assert await store.resting_task(task_id) is None
+        async with store.tx() as conn:
+            await jobs.finish(conn, job, "succeeded", None)
+        assert (await store.resting_task(task_id)).id == task_id

@@ -60,8 +60,8 @@ class Ops:
 
         async def loop() -> Task:
             while True:
-                task = await self.engine.store.get_task(task_id)
-                if task.status in statuses and not await self.engine.has_active_job(task_id):
+                task = await self.engine.store.resting_task(task_id)
+                if task is not None and task.status in statuses:
                     if delivered:
                         await self.publisher.idle()
                     return task

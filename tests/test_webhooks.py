@@ -123,9 +123,8 @@ class Board:
     async def until(self, task_id: int, *statuses: str, stage: str | None = None) -> Task:
         async def loop() -> Task:
             while True:
-                task = await self.engine.store.get_task(task_id)
-                resting = not await self.engine.has_active_job(task_id)
-                if task.status in statuses and resting and stage in (None, task.stage):
+                task = await self.engine.store.resting_task(task_id)
+                if task is not None and task.status in statuses and stage in (None, task.stage):
                     return task
                 await asyncio.sleep(0.05)
 
